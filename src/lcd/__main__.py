@@ -1,0 +1,5 @@
+"""``python -m lcd`` is the ``lcd`` command."""
+
+from lcd.cli import main
+
+main()

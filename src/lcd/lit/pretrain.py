@@ -1,0 +1,188 @@
+"""Pretraining the synthetic ICL transformer on a task with labelled latent concepts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+
+from lcd.activations import capture_residual
+from lcd.models.icl_gpt import ICLTransformer
+from lcd.plotting import save_figure
+from lcd.references import reference_errors
+
+
+class LitPretrain(L.LightningModule):
+    """MSE on the y predictions of an :class:`~lcd.models.icl_gpt.ICLTransformer`.
+
+    Logs ``train/loss``; at every validation ``val/mse``, ``val/mse/concept_<k>`` (each concept's
+    decoding curve), ``val/mse_tail/concept_<k>`` (the last ``tail_positions`` context positions) and,
+    for every reference algorithm, ``val/ref/<algorithm>/mse_tail/concept_<k>`` plus
+    ``val/ratio_true_basis/concept_<k>`` = model tail MSE / r-dim least-squares tail MSE.
+    The reference algorithms are run once, on the fixed validation set.
+
+    The optimizer is chosen by LightningCLI's ``optimizer:`` (the configs set the paper's Adam,
+    lr 1e-4, betas 0.9/0.9999); outside the CLI the same Adam is the default.
+
+    Args:
+        net: The transformer.
+        tail_positions: How many final context positions the ``mse_tail`` metrics average over.
+        lasso_alpha: L1 penalty of the LASSO reference.
+        plot_every_n_steps: Save the error-vs-position plot at the first validation after every
+            this many steps (and at the end of fit); 0 disables it.
+
+    """
+
+    def __init__(
+        self,
+        net: ICLTransformer,
+        tail_positions: int = 3,
+        lasso_alpha: float = 0.01,
+        plot_every_n_steps: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.tail_positions = tail_positions
+        self._refs: dict[str, torch.Tensor] | None = None  # algorithm -> (K, n) mean squared error
+        self._val_sums: torch.Tensor | None = None  # (K, n) summed squared error
+        self._val_counts: torch.Tensor | None = None  # (K,)
+        self._last_plot_step = -1
+
+    def setup(self, stage: str) -> None:
+        """Check that the task and the model fit together before any work starts."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "n_dims"):
+            return
+        if dm.n_dims != self.net.n_dims:
+            raise ValueError(
+                f"the task has n_dims={dm.n_dims} but the model was built with n_dims={self.net.n_dims}: "
+                "set model.net.init_args.n_dims to the task's n_dims (the CLI links them by default)."
+            )
+        if dm.n_pairs > self.net.n_pairs:
+            raise ValueError(
+                f"the task has n_pairs={dm.n_pairs} but the model holds at most {self.net.n_pairs}: "
+                "raise model.net.init_args.n_pairs."
+            )
+        if not 1 <= self.tail_positions <= dm.n_pairs:
+            raise ValueError(f"tail_positions must be in [1, n_pairs={dm.n_pairs}], got {self.tail_positions}.")
+
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Predictions (B, n) of every y_i."""
+        return self.net(xs, ys)
+
+    def squared_errors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Squared error of every y prediction: (B, n). The loss counts y predictions only."""
+        return (self(batch["xs"], batch["ys"]) - batch["ys"]) ** 2
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """MSE over all y predictions of the batch."""
+        loss = self.squared_errors(batch).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The paper's Adam (lr 1e-4, betas 0.9/0.9999); LightningCLI's ``optimizer:`` overrides it."""
+        return torch.optim.Adam(self.parameters(), lr=1e-4, betas=(0.9, 0.9999))
+
+    # --- validation: per-concept, per-position error -----------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the per-concept accumulators."""
+        k, n = self._n_concepts(), self.trainer.datamodule.n_pairs
+        self._val_sums = torch.zeros(k, n, device=self.device)
+        self._val_counts = torch.zeros(k, device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate squared errors per concept and position."""
+        err = self.squared_errors(batch)  # (B, n)
+        self._val_sums.index_add_(0, batch["concept"], err)
+        self._val_counts.index_add_(0, batch["concept"], torch.ones_like(batch["concept"], dtype=torch.float))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log per-concept curves and reference algorithms; plot error vs position when due."""
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")
+        curve = (sums / counts.clamp(min=1)[:, None]).cpu()  # (K, n) MSE per concept and position
+        refs = self._reference_curves()
+        tail = slice(-self.tail_positions, None)
+        metrics = {"val/mse": (sums.sum() / (counts.sum() * curve.shape[1])).item()}
+        for k in range(curve.shape[0]):
+            metrics[f"val/mse/concept_{k}"] = curve[k].mean().item()
+            metrics[f"val/mse_tail/concept_{k}"] = curve[k, tail].mean().item()
+            for name, ref in refs.items():
+                metrics[f"val/ref/{name}/mse_tail/concept_{k}"] = ref[k, tail].mean().item()
+            if "least_squares_true_basis" in refs:
+                denom = refs["least_squares_true_basis"][k, tail].mean().clamp(min=1e-8)
+                metrics[f"val/ratio_true_basis/concept_{k}"] = (curve[k, tail].mean() / denom).item()
+        self.log_dict(metrics, sync_dist=False)  # already reduced across processes above
+        self.last_val_curve = curve
+        every = self.hparams.plot_every_n_steps
+        if every and not self.trainer.sanity_checking and self.global_step // every > self._last_plot_step // every:
+            self._last_plot_step = self.global_step
+            self.plot_error_vs_position(curve, refs)
+
+    def on_fit_end(self) -> None:
+        """Final error-vs-position plot."""
+        if getattr(self, "last_val_curve", None) is not None and self.hparams.plot_every_n_steps:
+            self.plot_error_vs_position(self.last_val_curve, self._reference_curves(), final=True)
+
+    def _n_concepts(self) -> int:
+        return self.trainer.datamodule.task.n_concepts
+
+    def _reference_curves(self) -> dict[str, torch.Tensor]:
+        """Mean squared error per concept and position of each reference algorithm (computed once)."""
+        if self._refs is None:
+            k = self._n_concepts()
+            batches = list(self.trainer.datamodule.val_dataloader())
+            concept = torch.cat([b["concept"] for b in batches])
+            batch = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+            errors = reference_errors(batch, self.hparams.lasso_alpha)
+            self._refs = {}
+            for name, err in errors.items():
+                sums = torch.zeros(k, err.shape[1]).index_add_(0, concept, err)
+                self._refs[name] = sums / torch.bincount(concept, minlength=k).clamp(min=1)[:, None]
+        return self._refs
+
+    def plot_error_vs_position(self, curve: torch.Tensor, refs: dict[str, torch.Tensor], final: bool = False) -> None:
+        """Per-concept MSE vs number of in-context examples, with reference algorithms dashed."""
+        names = self.trainer.datamodule.concept_names
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        positions = torch.arange(curve.shape[1])
+        for k, name in enumerate(names):
+            (line,) = ax.plot(positions, curve[k], label=f"model {name}")
+            if "least_squares_true_basis" in refs:
+                ax.plot(positions, refs["least_squares_true_basis"][k], "--", color=line.get_color(), alpha=0.6)
+        styles = {"least_squares_full_dims": ":", "lasso": "-."}
+        for name, style in styles.items():
+            if name in refs:
+                ax.plot(positions, refs[name].mean(0), style, color="k", label=f"{name} (all concepts)")
+        ax.set(
+            yscale="log",
+            xlabel="in-context examples before the query",
+            ylabel="MSE",
+            title=f"error vs position, step {self.global_step} (dashed: true-basis least squares)",
+        )
+        ax.legend(fontsize=7)
+        save_figure(
+            self.trainer, fig, "error_vs_position_final" if final else f"error_vs_position_step{self.global_step:07d}"
+        )
+
+    # --- probing interface used by the ConceptDecodability callback ---------------------------------
+
+    def probe(
+        self, batch: dict[str, torch.Tensor], layers: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Residual stream at the query x token, concept labels and per-example loss.
+
+        Returns:
+            features (L, B, d_model) at the last x token, in sorted layer order; labels (B,);
+            per-example MSE (B,) over all positions.
+
+        """
+        query = torch.full((batch["xs"].shape[0],), 2 * batch["xs"].shape[1] - 2, device=self.device)
+        with capture_residual(self.net, layers, positions=query) as cap:
+            preds = self(batch["xs"], batch["ys"])
+        return cap.stacked(), batch["concept"], ((preds - batch["ys"]) ** 2).mean(-1)

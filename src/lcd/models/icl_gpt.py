@@ -1,0 +1,98 @@
+"""The synthetic ICL transformer: linear read-in -> GPT-2 decoder (transformers) -> linear read-out.
+
+Tokens follow Garg et al. (2022): x_i and y_i are separate interleaved tokens, ``y_i`` zero-padded to
+D dims, so a prompt of n pairs is the sequence ``x_0, y_0, x_1, y_1, ...`` of length 2n. The
+prediction of ``y_i`` is read out at the ``x_i`` token, which sees every earlier pair but not ``y_i``.
+The backbone is transformers' ``GPT2Model``, so :mod:`lcd.activations` reaches its residual stream
+exactly as it does for any pretrained HF decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+
+class ICLTransformer(nn.Module):
+    """GPT-2 style causal decoder that regresses y_i from the in-context pairs before it.
+
+    The paper's model (PAPER.md §2) is ``n_layers=12, d_model=256, n_heads=8`` (about 9.5M
+    parameters); see ``configs/synthetic/model_paper.yaml``.
+
+    Args:
+        n_dims: Input dimension D of the task.
+        n_pairs: Longest prompt, in (x, y) pairs (sets the position embedding table to 2 * n_pairs).
+        n_layers: Number of decoder blocks.
+        d_model: Residual stream width.
+        n_heads: Attention heads per block.
+        dropout: Dropout in embeddings, attention and residual branches.
+
+    """
+
+    def __init__(
+        self,
+        n_dims: int = 16,
+        n_pairs: int = 20,
+        n_layers: int = 12,
+        d_model: int = 256,
+        n_heads: int = 8,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}).")
+        if min(n_dims, n_pairs, n_layers, d_model, n_heads) < 1:
+            raise ValueError("n_dims, n_pairs, n_layers, d_model and n_heads must all be >= 1.")
+        self.n_dims, self.n_pairs = n_dims, n_pairs
+        config = GPT2Config(
+            vocab_size=1,  # inputs come through read_in; a real vocabulary would only waste parameters
+            n_positions=2 * n_pairs,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            use_cache=False,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        config._attn_implementation = "sdpa"  # PyTorch's fused scaled_dot_product_attention
+        self.read_in = nn.Linear(n_dims, d_model)
+        self.backbone = GPT2Model(config)
+        self.read_out = nn.Linear(d_model, 1)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks."""
+        return self.backbone.config.n_layer
+
+    @staticmethod
+    def x_positions(n_pairs: int) -> torch.Tensor:
+        """Token index of each x_i in the interleaved sequence (where y_i is predicted)."""
+        return torch.arange(n_pairs) * 2
+
+    def embed_tokens(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Interleave x and zero-padded y tokens: (B, n, D), (B, n) -> (B, 2n, D)."""
+        b, n, d = xs.shape
+        ys_wide = torch.zeros_like(xs)
+        ys_wide[..., 0] = ys  # y_i in the first coordinate, zeros elsewhere
+        return torch.stack([xs, ys_wide], dim=2).reshape(b, 2 * n, d)
+
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Predict every y_i from the pairs before it.
+
+        Args:
+            xs: (B, n, D) inputs.
+            ys: (B, n) targets (only earlier ones are visible to each prediction).
+
+        Returns:
+            (B, n) predictions of ``ys``.
+
+        """
+        if xs.shape[1] > self.n_pairs:
+            raise ValueError(f"prompt has {xs.shape[1]} pairs but the model was built for n_pairs={self.n_pairs}.")
+        h = self.read_in(self.embed_tokens(xs, ys))  # (B, 2n, d_model)
+        h = self.backbone(inputs_embeds=h).last_hidden_state  # (B, 2n, d_model)
+        return self.read_out(h[:, ::2]).squeeze(-1)  # x tokens -> (B, n)
