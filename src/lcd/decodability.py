@@ -28,6 +28,7 @@ __all__ = [
     "concept_decodability",
     "decodability_report",
     "knn_loo_predictions",
+    "layerwise_decodability",
     "linear_probe_accuracy",
     "pairwise_decodability",
     "per_concept_decodability",
@@ -135,6 +136,30 @@ def per_concept_decodability(
     preds = knn_loo_predictions(features, labels, k, distance)
     correct = (preds == labels.to(preds.device)).cpu()
     return {int(c): correct[labels == c].float().mean().item() for c in labels.unique()}
+
+
+def layerwise_decodability(
+    features: torch.Tensor, labels: torch.Tensor, k: int = 10, distance: Distance = "euclidean"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CD and per-concept CD of every layer from one batched k-NN pass.
+
+    Args:
+        features: (L, N, d) hidden states of L layers for the same N prompts.
+        labels: (N,) concept ids.
+        k: Number of neighbours.
+        distance: ``euclidean`` or ``cosine``.
+
+    Returns:
+        cd (L,), per_concept (L, C) and the sorted concept ids (C,) its columns refer to.
+
+    """
+    preds = knn_loo_predictions(features, labels, k, distance)  # (L, N)
+    labels = labels.to(preds.device)
+    correct = (preds == labels).float()
+    classes = labels.unique()
+    onehot = torch.nn.functional.one_hot(torch.searchsorted(classes, labels), len(classes)).float()  # (N, C)
+    per_concept = (correct @ onehot) / onehot.sum(0)  # (L, C)
+    return correct.mean(-1).cpu(), per_concept.cpu(), classes.cpu()
 
 
 def pairwise_decodability(
@@ -247,10 +272,22 @@ class ConceptDecodabilityMetric(Metric):
         self.features.append(features.detach().float().transpose(0, -2) if features.dim() == 3 else features)
         self.labels.append(labels.detach())
 
-    def compute(self) -> float | torch.Tensor:
-        """CD of everything seen so far (an (L,) tensor for layered features)."""
+    def compute(self) -> dict[str, torch.Tensor]:
+        """CD of everything seen so far, from all processes.
+
+        Returns:
+            ``cd`` ((L,) for layered features, else a scalar), ``per_concept`` ((L, C) or (C,)) and
+            ``classes`` (C,), the concept ids of the per-concept columns.
+
+        """
         feats = self.features if isinstance(self.features, torch.Tensor) else torch.cat(self.features)
         labels = self.labels if isinstance(self.labels, torch.Tensor) else torch.cat(self.labels)
-        if feats.dim() == 3:  # stored as (N, L, d) so DDP can concatenate along dim 0
+        layered = feats.dim() == 3
+        if layered:  # stored as (N, L, d) so DDP can concatenate along dim 0
             feats = feats.transpose(0, 1)
-        return concept_decodability(feats, labels, self.k, self.distance)
+        cd, per_concept, classes = layerwise_decodability(
+            feats if layered else feats[None], labels, self.k, self.distance
+        )
+        if not layered:
+            cd, per_concept = cd[0], per_concept[0]
+        return {"cd": cd, "per_concept": per_concept, "classes": classes}

@@ -173,16 +173,26 @@ class LitPretrain(L.LightningModule):
     # --- probing interface used by the ConceptDecodability callback ---------------------------------
 
     def probe(
-        self, batch: dict[str, torch.Tensor], layers: Sequence[int] | None = None
+        self, batch: dict[str, torch.Tensor], layers: Sequence[int] | None = None, position: str = "query"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Residual stream at the query x token, concept labels and per-example loss.
+        """Residual stream at one token of every prompt, concept labels and per-example loss.
+
+        Args:
+            batch: A batch from the datamodule.
+            layers: 0-based layers; ``None`` for all.
+            position: ``query``: the last x token, where the answer is predicted (the paper's choice);
+                ``last_y``: the y token just before it.
 
         Returns:
-            features (L, B, d_model) at the last x token, in sorted layer order; labels (B,);
-            per-example MSE (B,) over all positions.
+            features (L, B, d_model) in sorted layer order; labels (B,); per-example MSE (B,) over all
+            positions.
 
         """
-        query = torch.full((batch["xs"].shape[0],), 2 * batch["xs"].shape[1] - 2, device=self.device)
-        with capture_residual(self.net, layers, positions=query) as cap:
+        offsets = {"query": 2, "last_y": 3}
+        if position not in offsets:
+            raise ValueError(f"position must be one of {sorted(offsets)}, got {position!r}.")
+        b, n = batch["xs"].shape[:2]
+        pos = torch.full((b,), 2 * n - offsets[position], device=batch["xs"].device)
+        with capture_residual(self.net, layers, positions=pos) as cap:
             preds = self(batch["xs"], batch["ys"])
         return cap.stacked(), batch["concept"], ((preds - batch["ys"]) ** 2).mean(-1)

@@ -1,0 +1,5 @@
+"""Lightning callbacks that add lcd's measurements to any run (see the YAML fragments in callbacks/)."""
+
+from lcd.callbacks.decodability import ConceptDecodability
+
+__all__ = ["ConceptDecodability"]

@@ -1,0 +1,206 @@
+"""The ConceptDecodability callback: CD per layer, live during training, saved with the checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+
+from lcd.activations import n_decoder_layers, resolve_layers
+from lcd.decodability import ConceptDecodabilityMetric, Distance
+from lcd.plotting import plot_cd_heatmap, plot_cd_history, plot_snapshot, run_dir, save_figure
+
+HISTORY_FILE = "cd_history.csv"
+
+
+class ConceptDecodability(L.Callback):
+    """Concept Decodability of every layer on a fixed probe set, every N training steps.
+
+    At fit start, every ``every_n_steps`` optimizer steps and at fit end, the module's ``probe`` method
+    gives the residual stream at the chosen token of the datamodule's fixed probe set
+    (``probe_per_concept`` prompts per concept); CD is the leave-one-out k-NN accuracy of the concept
+    from each layer (see :mod:`lcd.decodability`). Logged keys: ``cd/layer_XX``, ``cd/best``,
+    ``cd/best_layer``, ``cd/layer_XX/concept_<k>`` and each concept's loss on the same prompts,
+    ``probe/loss/concept_<k>``, so encoding and decoding curves share their x axis. A layer x step
+    heatmap (``plots/cd_heatmap.png``) is refreshed at every evaluation and logged to W&B.
+
+    History lives in this callback's state, so it is saved in checkpoints and a resumed run continues
+    the same curves; it is also rewritten to ``<run_dir>/cd_history.csv`` after every evaluation. At the
+    end of fit ``plots/cd_history.png`` shows per-concept loss and CD per layer over steps. Under DDP the
+    probe set is split across processes and gathered, so every process scores the same pooled set as a
+    single process would.
+
+    Args:
+        every_n_steps: Evaluate every this many optimizer steps (also at fit start and end).
+        layers: 0-based layers to score (negative count from the end); ``None`` for all.
+        position: Which token to read, passed to ``pl_module.probe`` (``query``: the token right before
+            the answer; the synthetic model also knows ``last_y``).
+        probe_per_concept: Probe prompts per concept; ``None`` uses the datamodule's default (100).
+        k: Neighbours of the leave-one-out k-NN (the paper's 10).
+        distance: ``euclidean`` (default) or ``cosine``.
+        snapshot_steps: Steps at which to save a 2-D view of the representations, coloured by concept.
+        snapshot_layers: Layers shown in snapshots; ``None`` for the best layer at that step.
+        snapshot_method: ``pca`` or ``umap`` (needs ``umap-learn``).
+
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 250,
+        layers: list[int] | None = None,
+        position: str = "query",
+        probe_per_concept: int | None = None,
+        k: int = 10,
+        distance: Distance = "euclidean",
+        snapshot_steps: list[int] | None = None,
+        snapshot_layers: list[int] | None = None,
+        snapshot_method: Literal["pca", "umap"] = "pca",
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        if snapshot_method == "umap":
+            try:
+                import umap  # noqa: F401
+            except ImportError as err:
+                raise ValueError("snapshot_method='umap' needs umap-learn: pip install 'lcd[umap]'.") from err
+        self.every_n_steps, self.layers, self.position = every_n_steps, layers, position
+        self.probe_per_concept, self.k, self.distance = probe_per_concept, k, distance
+        self.snapshot_steps = set(snapshot_steps or [])
+        self.snapshot_layers, self.snapshot_method = snapshot_layers, snapshot_method
+        self.history: list[dict[str, float]] = []
+        self._layers: list[int] = []
+
+    # --- setup: fail before any work on a config that cannot work ---------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the module, datamodule and layers; resolve layers against the model's depth."""
+        if not hasattr(pl_module, "probe"):
+            raise TypeError(f"{type(pl_module).__name__} has no probe(batch, layers, position) method.")
+        if not hasattr(trainer.datamodule, "probe_dataloader"):
+            raise TypeError("ConceptDecodability needs a datamodule with probe_dataloader(n_per_concept).")
+        self._layers = resolve_layers(self.layers, n_decoder_layers(pl_module))
+        if self.snapshot_layers is not None:
+            resolve_layers(self.snapshot_layers, n_decoder_layers(pl_module))
+
+    # --- when to evaluate -------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score the starting point (skipped when a resumed history already has this step)."""
+        self._maybe_evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """Score every ``every_n_steps`` optimizer steps."""
+        if trainer.global_step % self.every_n_steps == 0:
+            self._maybe_evaluate(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score the final model and save the history plot."""
+        self._maybe_evaluate(trainer, pl_module)
+        if trainer.is_global_zero and self.history:
+            save_figure(trainer, plot_cd_history(self.history, self._layers), "cd_history")
+
+    def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (self.history and self.history[-1]["step"] == trainer.global_step):
+            return
+        self.evaluate(trainer, pl_module)
+
+    # --- the measurement ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Probe every layer now, append to the history, log and save; returns the logged metrics."""
+        was_training = pl_module.training
+        pl_module.eval()
+        metric = ConceptDecodabilityMetric(self.k, self.distance).to(pl_module.device)
+        n_concepts = len(trainer.datamodule.concept_names)
+        loss_sum = torch.zeros(n_concepts, device=pl_module.device)
+        loss_count = torch.zeros(n_concepts, device=pl_module.device)
+        snapshot = trainer.global_step in self.snapshot_steps
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        loader = trainer.datamodule.probe_dataloader(self.probe_per_concept)
+        for i, batch in enumerate(loader):
+            if i % trainer.world_size != trainer.global_rank:  # shard the probe set across processes
+                continue
+            batch = move_data_to_device(batch, pl_module.device)
+            features, labels, loss = pl_module.probe(batch, self._layers, position=self.position)
+            metric.update(features.float(), labels)
+            loss_sum.index_add_(0, labels, loss.float())
+            loss_count.index_add_(0, labels, torch.ones_like(loss, dtype=torch.float))
+            if snapshot:
+                kept.append((features.float().cpu(), labels.cpu()))
+        result = metric.compute()  # gathers across processes
+        loss_sum = trainer.strategy.reduce(loss_sum, reduce_op="sum")
+        loss_count = trainer.strategy.reduce(loss_count, reduce_op="sum")
+        pl_module.train(was_training)
+
+        cd, per_concept, classes = result["cd"], result["per_concept"], result["classes"]
+        best = int(cd.argmax())
+        row: dict[str, float] = {
+            "step": trainer.global_step,
+            "cd/best": cd[best].item(),
+            "cd/best_layer": self._layers[best],
+        }
+        for i, layer in enumerate(self._layers):
+            row[f"cd/layer_{layer:02d}"] = cd[i].item()
+            for j, c in enumerate(classes.tolist()):
+                row[f"cd/layer_{layer:02d}/concept_{c}"] = per_concept[i, j].item()
+        for c in range(n_concepts):
+            row[f"probe/loss/concept_{c}"] = (loss_sum[c] / loss_count[c].clamp(min=1)).item()
+        self.history.append(row)
+        if trainer.is_global_zero:
+            metrics = {key: value for key, value in row.items() if key != "step"}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            self._write_csv(trainer)
+            save_figure(trainer, plot_cd_heatmap(self.history, self._layers), "cd_heatmap")
+            if snapshot:
+                self._snapshot(trainer, kept, best)
+        return row
+
+    def _snapshot(self, trainer: L.Trainer, kept: list[tuple[torch.Tensor, torch.Tensor]], best: int) -> None:
+        # Under DDP only rank 0's shard is drawn; the picture is illustrative, the CD numbers are pooled.
+        features = torch.cat([f for f, _ in kept], dim=1)  # (L, N, d)
+        labels = torch.cat([lab for _, lab in kept])
+        layers = self.snapshot_layers if self.snapshot_layers is not None else [self._layers[best]]
+        for layer in resolve_layers(layers, max(self._layers) + 1):
+            fig = plot_snapshot(
+                features[self._layers.index(layer)], labels, self.snapshot_method, layer, trainer.global_step
+            )
+            save_figure(trainer, fig, f"snapshot_layer{layer:02d}_step{trainer.global_step:07d}")
+
+    def _write_csv(self, trainer: L.Trainer) -> None:
+        # Rewritten whole each time (atomic rename), so it always matches the checkpointed history.
+        path = run_dir(trainer) / HISTORY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = list(dict.fromkeys(key for row in self.history for key in row))
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(tmp, path)
+
+    # --- checkpointing ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The CD history, saved in every checkpoint."""
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history of a resumed run."""
+        self.history = list(state_dict.get("history", []))
+
+
+def read_history(path: str | Path) -> list[dict[str, float]]:
+    """Load a ``cd_history.csv`` written by :class:`ConceptDecodability` (empty cells are skipped)."""
+    with Path(path).open() as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+__all__: Sequence[str] = ["ConceptDecodability", "HISTORY_FILE", "read_history"]
