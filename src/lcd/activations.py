@@ -203,7 +203,7 @@ def patch_residual(
         h[rows, pos] = v if mode == "replace" else h[rows, pos] + v
         return h if isinstance(output, torch.Tensor) else (h, *output[1:])
 
-    handle = blocks[layer].register_forward_hook(hook)
+    handle = blocks[layer].register_forward_hook(hook, prepend=True)  # before any capture hook: it sees the patch
     try:
         yield
     finally:

@@ -13,6 +13,20 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+_DIR_VARS = {
+    "WANDB_DIR": "",
+    "WANDB_CACHE_DIR": "wandb/cache",
+    "WANDB_CONFIG_DIR": "wandb/config",
+    "WANDB_DATA_DIR": "wandb/data",
+}
+_OWNED_ENV: dict[str, str] = {}  # variables this module set, with the value it set
+
+
+def _set_owned_env(var: str, value: str) -> None:
+    """Set ``var`` unless the user set it themselves (a value we set earlier may be replaced)."""
+    if var not in os.environ or _OWNED_ENV.get(var) == os.environ[var]:
+        os.environ[var] = _OWNED_ENV[var] = value
+
 
 def _wandb_host() -> str:
     return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
@@ -91,7 +105,7 @@ class WandbLogger(_LightningWandbLogger):
         mode, reason = wandb_mode()
         if kwargs.get("offline"):
             mode, reason = "offline", "offline=True"
-        os.environ["WANDB_MODE"] = mode  # children (DDP workers) make the same choice without re-probing
+        _set_owned_env("WANDB_MODE", mode)  # DDP workers make the same choice without re-probing
         if mode != "online":
             rank_zero_info(f"W&B logging {mode} ({reason}); files under {root.resolve()}")
         kwargs.pop("offline", None)

@@ -150,7 +150,7 @@ class SparseRegressionTask(ICLTask):
         w = torch.randn(batch_size, self.n_dims, generator=generator) * mask
         noise = torch.randn(batch_size, self.n_pairs, generator=generator) * self.noise_var**0.5
         ys = torch.einsum("bnd,bd->bn", xs, w) + noise
-        return {"xs": xs, "ys": ys, "concept": concept, "mask": mask}
+        return {"xs": xs, "ys": ys, "concept": concept, "mask": mask, "weights": w}
 
 
 class FunctionMixtureTask(ICLTask):
@@ -201,17 +201,19 @@ class FunctionMixtureTask(ICLTask):
         w = torch.randn(batch_size, self.n_dims, generator=generator)
         support = torch.rand(batch_size, self.n_dims, generator=generator).argsort(dim=1) < self.sparsity
         ys = torch.empty(batch_size, self.n_pairs)
+        weights = w.clone()
         for k, family in enumerate(self.families):
             rows = concept == k
             x, v = xs[rows], w[rows]
             if family == "linear":
                 y = torch.einsum("bnd,bd->bn", x, v)
             elif family == "sparse_linear":
-                y = torch.einsum("bnd,bd->bn", x, v * support[rows])
+                weights[rows] = v * support[rows]
+                y = torch.einsum("bnd,bd->bn", x, weights[rows])
             elif family == "leaky_relu":
                 y = F.leaky_relu(torch.einsum("bnd,bd->bn", x, v), 0.1)
             else:  # quadratic
                 y = torch.einsum("bnd,bd->bn", x**2, v) / 3**0.5
             ys[rows] = y
         ys = ys + torch.randn(batch_size, self.n_pairs, generator=generator) * self.noise_var**0.5
-        return {"xs": xs, "ys": ys, "concept": concept}
+        return {"xs": xs, "ys": ys, "concept": concept, "weights": weights}

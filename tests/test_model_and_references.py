@@ -1,0 +1,88 @@
+import torch
+
+from lcd.lit.pretrain import LitPretrain
+from lcd.models import ICLTransformer
+from lcd.references import lasso_predictions, least_squares_predictions
+from lcd.tasks import SparseRegressionTask
+
+
+def tiny(n_dims: int = 4, n_pairs: int = 6) -> ICLTransformer:
+    torch.manual_seed(0)
+    return ICLTransformer(n_dims=n_dims, n_pairs=n_pairs, n_layers=2, d_model=16, n_heads=2).eval()
+
+
+def test_paper_preset_has_about_9_5m_parameters():
+    n = sum(p.numel() for p in ICLTransformer(n_dims=16, n_pairs=20, n_layers=12, d_model=256, n_heads=8).parameters())
+    assert 9.3e6 < n < 9.7e6, n
+
+
+def test_model_is_causal():
+    model = tiny()
+    xs, ys = torch.randn(3, 6, 4), torch.randn(3, 6)
+    base = model(xs, ys)
+    i = 2  # predictions 0..i must not see x_{i+1..} nor y_{i..}
+    xs2, ys2 = xs.clone(), ys.clone()
+    xs2[:, i + 1 :] += 5.0
+    ys2[:, i:] -= 5.0
+    out = model(xs2, ys2)
+    torch.testing.assert_close(out[:, : i + 1], base[:, : i + 1])
+    assert not torch.allclose(out[:, i + 1 :], base[:, i + 1 :])  # later ones do see them
+
+
+def test_prediction_i_uses_earlier_labels():
+    model = tiny()
+    xs, ys = torch.randn(2, 6, 4), torch.randn(2, 6)
+    ys2 = ys.clone()
+    ys2[:, 1] += 3.0
+    changed = (model(xs, ys2) - model(xs, ys)).abs().amax(0) > 1e-6
+    assert changed.tolist() == [False, False, True, True, True, True]
+
+
+def test_loss_counts_y_predictions_only():
+    module = LitPretrain(tiny())
+    batch = SparseRegressionTask(n_dims=4, n_concepts=2, rank=2, n_pairs=6).sample(5, torch.Generator().manual_seed(0))
+    base = module.squared_errors(batch)
+    assert base.shape == (5, 6)
+
+    # Wreck the backbone output at every y token: the loss must not move.
+    def hook(mod, args, out):
+        h = out.last_hidden_state.clone()
+        h[:, 1::2] = 1e3
+        out.last_hidden_state = h
+        return out
+
+    handle = module.net.backbone.register_forward_hook(hook)
+    try:
+        torch.testing.assert_close(module.squared_errors(batch), base)
+    finally:
+        handle.remove()
+
+    # ... while wrecking the x tokens does move it.
+    def hook_x(mod, args, out):
+        out.last_hidden_state = out.last_hidden_state + 1.0
+        return out
+
+    handle = module.net.backbone.register_forward_hook(hook_x)
+    try:
+        assert not torch.allclose(module.squared_errors(batch), base)
+    finally:
+        handle.remove()
+
+
+def test_true_basis_least_squares_is_exact_after_r_pairs():
+    task = SparseRegressionTask(n_dims=8, n_concepts=4, rank=2, n_pairs=12, noise_var=0.0)
+    batch = task.sample(64, torch.Generator().manual_seed(0))
+    err_true = (least_squares_predictions(batch["xs"], batch["ys"], batch["mask"]) - batch["ys"]) ** 2
+    err_full = (least_squares_predictions(batch["xs"], batch["ys"]) - batch["ys"]) ** 2
+    assert err_true[:, 2:].max() < 1e-8  # r = 2 examples suffice with the basis
+    assert err_true[:, 1].mean() > 1e-2  # one example does not
+    assert err_full[:, 2:8].mean() > 1e-2  # without the basis, fewer than D = 8 examples are not enough
+    assert err_full[:, 8:].max() < 1e-8  # D examples are
+
+
+def test_lasso_sits_between_the_two():
+    task = SparseRegressionTask(n_dims=8, n_concepts=4, rank=2, n_pairs=8, noise_var=0.0)
+    batch = task.sample(16, torch.Generator().manual_seed(1))
+    err = (lasso_predictions(batch["xs"], batch["ys"], alpha=0.01) - batch["ys"]) ** 2
+    err_full = (least_squares_predictions(batch["xs"], batch["ys"]) - batch["ys"]) ** 2
+    assert err[:, 5:8].mean() < 0.5 * err_full[:, 5:8].mean()
