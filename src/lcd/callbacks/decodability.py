@@ -90,8 +90,11 @@ class ConceptDecodability(L.Callback):
 
     # --- when to evaluate -------------------------------------------------------------------------
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Score the starting point (skipped when a resumed history already has this step)."""
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score the starting point (skipped when a resumed history already has this step).
+
+        ``on_train_start`` rather than ``on_fit_start``: only here is a resumed step counter restored.
+        """
         self._maybe_evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -187,6 +190,11 @@ class ConceptDecodability(L.Callback):
         os.replace(tmp, path)
 
     # --- checkpointing ------------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so several instances (e.g. two positions) can share a run."""
+        return self._generate_state_key(layers=self.layers, position=self.position, k=self.k, distance=self.distance)
 
     def state_dict(self) -> dict[str, Any]:
         """The CD history, saved in every checkpoint."""

@@ -1,0 +1,133 @@
+"""Every YAML in configs/ and callbacks/ through the real CLI, in-process, with tiny dims."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
+
+from lcd.callbacks.decodability import read_history
+from lcd.cli import main
+
+CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
+CD = config("callbacks/concept_decodability.yaml")
+
+
+def fit(run_dir: Path, *extra: str) -> None:
+    main(["fit", *CPU, *CD, "--config", DEBUG, *TINY_SYNTHETIC, f"--trainer.default_root_dir={run_dir}", *extra])
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    (path,) = run_dir.glob("csv/version_*/metrics.csv")
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
+    fit(run_dir, "--trainer.callbacks.every_n_steps=2")  # the last callback: the one the CD fragment added
+    history = read_history(run_dir / "cd_history.csv")
+    assert [row["step"] for row in history] == [0, 2, 4]
+    assert {"cd/layer_00", "cd/layer_01", "cd/best", "cd/best_layer", "cd/layer_01/concept_3"} <= history[0].keys()
+    assert "probe/loss/concept_0" in history[0]
+    assert all(0 <= row["cd/best"] <= 1 for row in history)
+    rows = metrics_rows(run_dir)
+    keys = set().union(*rows)
+    assert {"train/loss", "val/mse", "val/mse/concept_0", "val/ratio_true_basis/concept_3", "cd/layer_01"} <= keys
+    assert "val/ref/least_squares_true_basis/mse_tail/concept_2" in keys
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    for png in ["cd_history.png", "cd_heatmap.png", "error_vs_position_final.png", "snapshot_layer00_step0000000.png"]:
+        assert (run_dir / "plots" / png).exists(), png
+
+
+def test_resume_continues_the_same_run_and_cd_history(tmp_path):
+    fragment = tmp_path / "every2.yaml"
+    fragment.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 2, save_last: true}}\n"
+        "    - {class_path: lcd.callbacks.ConceptDecodability, init_args: {every_n_steps: 2}}\n"
+    )
+    every = ["--config", str(fragment), "--trainer.val_check_interval=100"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    fit(straight, "--trainer.max_steps=6", *every)
+    fit(broken, "--trainer.max_steps=4", *every)
+    fit(broken, "--trainer.max_steps=6", *every, "--ckpt_path=last")
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    for name, tensor in a["state_dict"].items():  # same data stream and optimizer state -> same weights
+        torch.testing.assert_close(b["state_dict"][name], tensor, msg=name)
+    steps = [row["step"] for row in read_history(broken / "cd_history.csv")]
+    assert steps == [row["step"] for row in read_history(straight / "cd_history.csv")]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 6
+    (state,) = [v for k, v in b["callbacks"].items() if "ConceptDecodability" in k]
+    assert [row["step"] for row in state["history"]] == steps
+
+
+def test_paper_preset_and_gpu_trainer_yaml(run_dir):
+    args = config("configs/trainer/gpu.yaml", "configs/synthetic/paper.yaml") + ["--config", DEBUG]
+    overrides = ["--trainer.accelerator=cpu", "--trainer.strategy=auto", "--trainer.devices=1"]
+    main(["fit", *args, *TINY_SYNTHETIC, *overrides, f"--trainer.default_root_dir={run_dir}"])
+    assert "val/mse/concept_3" in set().union(*metrics_rows(run_dir))
+
+
+def test_wandb_runs_offline_inside_the_run_directory(run_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(run_dir / "no_netrc"))
+    main(["fit", *CPU, *TINY_SYNTHETIC, f"--trainer.default_root_dir={run_dir}", "--trainer.max_steps=2",
+          "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1"])  # fmt: skip
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run under the run directory"
+    assert (run_dir / "wandb_run_id.txt").exists()
+
+
+def test_impossible_task_fails_before_training(run_dir):
+    with pytest.raises(ValueError, match="n_concepts \\* rank <= n_dims"):
+        fit(run_dir, "--data.init_args.task.init_args.rank=3")
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_model_task_mismatch_fails_before_training(run_dir):
+    with pytest.raises(ValueError, match="n_dims=8 but the model was built with n_dims=5"):
+        fit(run_dir, "--model.init_args.net.init_args.n_dims=5")
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_cd_layer_out_of_range_fails_before_training(run_dir, tmp_path):
+    fragment = tmp_path / "cd.yaml"
+    fragment.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: lcd.callbacks.ConceptDecodability\n      init_args: {layers: [2]}\n"
+    )
+    with pytest.raises(ValueError, match="layer 2 is out of range for a model with 2 layers"):
+        fit(run_dir, "--config", str(fragment))
+    assert not (run_dir / "checkpoints").exists()
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def test_lightning_command_and_python_m_lcd(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline")
+    common = [*CPU, "--config", DEBUG, *TINY_SYNTHETIC]
+    for cmd, out in [([_bin("lightning")], tmp_path / "a"), ([sys.executable, "-m", "lcd"], tmp_path / "b")]:
+        proc = subprocess.run([*cmd, "fit", *common, f"--trainer.default_root_dir={out}"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_help_explains_every_option():
+    helps = {
+        "--model.help": ("lcd.lit.LitPretrain", ["tail_positions", "How many final context positions"]),
+        "--data.help": ("lcd.data.SyntheticICLDataModule", ["probe_per_concept", "Prompts per concept in the probe"]),
+        "--trainer.callbacks.help": ("lcd.callbacks.ConceptDecodability", ["every_n_steps", "Evaluate every"]),
+    }
+    for flag, (cls, needles) in helps.items():
+        proc = subprocess.run([_bin("lcd"), "fit", flag, cls], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        for needle in needles:
+            assert needle in proc.stdout, (flag, needle)
