@@ -47,7 +47,8 @@ def test_resume_continues_the_same_run_and_cd_history(tmp_path):
     fragment = tmp_path / "every2.yaml"
     fragment.write_text(
         "trainer:\n  callbacks:\n"
-        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 2, save_last: true}}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {every_n_train_steps: 2, save_last: true}\n"
         "    - {class_path: lcd.callbacks.ConceptDecodability, init_args: {every_n_steps: 2}}\n"
     )
     every = ["--config", str(fragment), "--trainer.val_check_interval=100"]

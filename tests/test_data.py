@@ -23,7 +23,7 @@ def fake_trainer(step: int = 0, rank: int = 0, world: int = 1):
 
 def test_same_seed_same_batches_and_other_seed_differs():
     a, b, c = (take(datamodule(s).train_dataloader(), 3) for s in (0, 0, 1))
-    assert all(x.equal(y) for x, y in zip(a, b))
+    assert all(x.equal(y) for x, y in zip(a, b, strict=True))
     assert not a[0].equal(c[0])
     assert not a[0].equal(a[1])
 
