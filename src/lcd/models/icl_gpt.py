@@ -61,6 +61,7 @@ class ICLTransformer(nn.Module):
         config._attn_implementation = "sdpa"  # PyTorch's fused scaled_dot_product_attention
         self.read_in = nn.Linear(n_dims, d_model)
         self.backbone = GPT2Model(config)
+        self.backbone.wte.requires_grad_(False)  # token embeddings are unused (inputs_embeds); DDP needs them frozen
         self.read_out = nn.Linear(d_model, 1)
 
     @property
