@@ -1,6 +1,15 @@
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from lcd.activations import (
     capture_residual,
@@ -25,10 +34,14 @@ def tiny_models():
             max_position_embeddings=32,
         )
     )
-    return {"gpt2": gpt2.eval(), "llama": llama.eval()}
+    small = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, max_position_embeddings=32)  # fmt: skip
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(**small))
+    gemma3 = Gemma3ForCausalLM(Gemma3TextConfig(**small, sliding_window=4))
+    return {"gpt2": gpt2.eval(), "llama": llama.eval(), "gemma2": gemma2.eval(), "gemma3": gemma3.eval()}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "gemma3"])
 def test_capture_equals_hidden_states(name):
     model = tiny_models()[name]
     ids = torch.randint(0, 50, (2, 7))
@@ -40,7 +53,7 @@ def test_capture_equals_hidden_states(name):
     for layer in range(2):
         torch.testing.assert_close(cap[layer], hs[layer + 1][rows, pos])  # block i is hidden_states[i + 1]
     # The last entry of hidden_states has the final norm applied; the capture is the raw block output.
-    final_norm = model.transformer.ln_f if name == "gpt2" else model.model.norm
+    final_norm = model.transformer.ln_f if name == "gpt2" else model.model.norm  # test-side only
     torch.testing.assert_close(final_norm(cap[2]), hs[3][rows, pos])
     assert not torch.allclose(cap[2], hs[3][rows, pos])
 
@@ -113,3 +126,17 @@ def test_resolve_layers():
     assert resolve_layers(0, 4) == [0]
     with pytest.raises(ValueError, match="out of range for a model with 4 layers"):
         resolve_layers([4], 4)
+
+
+def test_capture_through_a_peft_wrapper():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_models()["llama"]
+    ids = torch.randint(0, 50, (2, 5))
+    with capture_residual(model, [1]) as plain:
+        model(input_ids=ids)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert len(find_decoder_layers(wrapped)) == 3
+    with capture_residual(wrapped, [1]) as cap:
+        wrapped(input_ids=ids)
+    torch.testing.assert_close(cap[1], plain[1])  # LoRA starts as the identity (B = 0)
