@@ -119,14 +119,18 @@ class FinetuneMethod(ABC):
 
     @abstractmethod
     def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
-        """Load what :meth:`save` wrote into a fresh base ``model``; returns the model to use."""
+        """:meth:`apply` to a fresh base ``model``, then restore what :meth:`save` wrote; returns the model."""
 
     def merge(self, model: nn.Module) -> nn.Module:
         """A plain model (no adapter wrappers) with the trained weights folded in."""
         return model
 
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "resolved_layers" and v is not None)
+        return f"{type(self).__name__}({args})"
+
     def describe(self, model: nn.Module) -> str:
-        """Human-readable summary, e.g. ``LoRA r=16 on layers 0-5 of 18``."""
+        """Human-readable summary, e.g. ``LayerFinetune on layers 0-5 of 18``."""
         return f"{type(self).__name__} on {self.layers.describe(len(find_decoder_layers(model)))}"
 
 
@@ -213,9 +217,22 @@ class LoRA(FinetuneMethod):
             raise TypeError("LoRA.save expects the PeftModel returned by LoRA.apply.")
         model.save_pretrained(str(directory))
 
-    def load(self, model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
-        """Attach a saved adapter to a fresh base ``model`` (frozen unless ``is_trainable``)."""
-        return PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
+    def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
+        """Attach a saved adapter to a fresh base ``model``, trainable as after :meth:`apply`.
+
+        Raises:
+            ValueError: if the adapter adapts other blocks than this method selects for ``model``.
+
+        """
+        layers = self.resolve(model)
+        peft_model = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
+        saved = peft_model.peft_config["default"].layers_to_transform
+        if saved is not None and sorted(saved) != layers:
+            raise ValueError(
+                f"the adapter in {directory} adapts layers {sorted(saved)}, but {self!r} selects {layers}."
+            )
+        self.resolved_layers = layers
+        return peft_model
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the adapters into the base weights and drop the peft wrappers."""
@@ -242,11 +259,15 @@ class _StateDictMethod(FinetuneMethod):
         save_file(tensors, str(directory / self.FILE))
 
     def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
-        """Load the saved parameters into ``model`` (every saved name must exist in it)."""
+        """:meth:`apply` to ``model``, then load the saved parameters (exactly the trainable ones)."""
+        model = self.apply(model)
         tensors = load_file(str(Path(directory) / self.FILE))
-        missing = set(tensors) - set(model.state_dict())
-        if missing:
-            raise ValueError(f"saved parameters not in the model: {sorted(missing)[:5]} ...")
+        expected = trainable_parameter_names(model)
+        if set(tensors) != expected:
+            raise ValueError(
+                f"{directory} holds parameters {sorted(set(tensors) ^ expected)[:4]}... that differ from what "
+                f"{self!r} trains: load with the method that saved them."
+            )
         model.load_state_dict(tensors, strict=False)
         return model
 

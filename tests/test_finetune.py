@@ -1,0 +1,223 @@
+"""LitFinetune through the real CLI with tiny LMs: strategy swap, masking, resume, adapters, every YAML."""
+
+import json
+
+import pytest
+import torch
+from conftest import config
+from tiny_lm import save_tiny_lm
+
+from lcd.callbacks.decodability import read_history
+from lcd.cli import main, make_cli
+from lcd.finetuning import LoRA, lora_targets
+from lcd.layers import LateLayers
+from lcd.lit.finetune import LitFinetune, export_merged
+from lcd.models.hf import CausalLMSpec
+from lcd.tasks import BitwiseTask, make_prompts
+from lcd.text_data import IGNORE_INDEX, encode_prompts
+
+BASE = config("configs/finetune/base.yaml", "configs/llm/tasks/bitwise.yaml")
+DEBUG = config("configs/finetune/debug.yaml")
+SMALL_CD = ["--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.probe_per_concept=4"]  # the CD callback
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    return save_tiny_lm(tmp_path_factory.mktemp("lm") / "gemma3", "gemma3")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return save_tiny_lm(tmp_path_factory.mktemp("lm") / "llama", "llama")
+
+
+def args(lm, run_dir, *fragments, extra=()):
+    return [*BASE, *config(*fragments), *DEBUG, f"--model.init_args.lm.name={lm}",
+            f"--trainer.default_root_dir={run_dir}", *SMALL_CD, *extra]  # fmt: skip
+
+
+def adapter_layers(run_dir):
+    return json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["layers_to_transform"]
+
+
+def test_strategy_swap_is_one_config_change(tiny_gemma, tmp_path):
+    early, late = tmp_path / "early", tmp_path / "late"
+    main(["fit", *args(tiny_gemma, early, "configs/finetune/early.yaml")])
+    main(["fit", *args(tiny_gemma, late, "configs/finetune/late.yaml")])
+    assert adapter_layers(early) == [0] and adapter_layers(late) == [1]  # a third of 2 layers: one block
+    for run, layer in [(early, 0), (late, 1)]:
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+        assert ckpt["state_dict"] and all(f".layers.{layer}." in k and ".lora_" in k for k in ckpt["state_dict"])
+        rows = read_history(run / "cd_history.csv")
+        assert [r["step"] for r in rows] == [0, 2, 4] and {"cd/layer_00", "cd/layer_01"} <= rows[0].keys()
+        (metrics,) = run.glob("csv/version_*/metrics.csv")
+        header = metrics.read_text().splitlines()[0].split(",")
+        assert {"train/loss", "val/shots_02/acc/concept_XNOR", "val/shots_01/acc/mean", "cd/best"} <= set(header)
+
+
+def test_late_lora_cannot_change_cd_upstream(tiny_llama, tmp_path):
+    # 4 layers, last one adapted: layers 0-2 see exactly the pretrained residual stream at every step.
+    run = tmp_path / "late"
+    lr = ["--optimizer.init_args.lr=0.05", "--model.init_args.method.init_args.layers.init_args.fraction=0.25"]
+    save_tiny_lm(tmp_path / "lm4", "llama")
+    cfg = json.loads((tmp_path / "lm4" / "config.json").read_text())
+    cfg["num_hidden_layers"], cfg["layer_types"] = 4, None
+    (tmp_path / "lm4" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    main(["fit", *args(tmp_path / "lm4", run, "configs/finetune/late.yaml", extra=lr)])
+    assert adapter_layers(run) == [3]
+    rows = read_history(run / "cd_history.csv")
+    for key in ["cd/layer_00", "cd/layer_01", "cd/layer_02"]:
+        assert len({r[key] for r in rows}) == 1, key
+
+
+def test_plain_and_all_and_named_concept_yaml(tiny_gemma, tmp_path):
+    run = tmp_path / "plain"
+    main(["fit", *args(tiny_gemma, run, "configs/finetune/all.yaml", "configs/finetune/plain.yaml",
+                       "configs/finetune/name_concept.yaml")])  # fmt: skip
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert {k.split(".")[3] for k in ckpt["state_dict"]} == {"0", "1"}  # model.model.layers.<i>....
+    assert not any("lora" in k or "embed" in k for k in ckpt["state_dict"])
+    assert (run / "adapter" / "trainable.safetensors").exists()
+
+
+def test_paper_fragments_and_gpu_fragment(tiny_gemma, tmp_path):
+    count1 = ["--model.init_args.method.init_args.layers.init_args.count=1"]
+    cpu = ["--trainer.accelerator=cpu", "--trainer.precision=32-true"]
+    for fragment, layer in [("configs/finetune/early10.yaml", 0), ("configs/finetune/late10.yaml", 1)]:
+        run = tmp_path / str(layer)
+        main(["fit", *args(tiny_gemma, run, "configs/finetune/gpu.yaml", fragment, extra=[*count1, *cpu])])
+        assert adapter_layers(run) == [layer]
+    with pytest.raises(ValueError, match="count=10 exceeds the model's 2 layers"):
+        main(["fit", *args(tiny_gemma, tmp_path / "bad", "configs/finetune/early10.yaml")])
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_out_of_range_layers_fail_before_training(tiny_gemma, tmp_path):
+    fragment = tmp_path / "layer5.yaml"
+    fragment.write_text(
+        "model:\n  init_args:\n    method:\n      init_args:\n"
+        "        layers: {class_path: lcd.layers.LayerList, init_args: {layers: [5]}}\n"
+    )
+    with pytest.raises(ValueError, match=r"\[5\] out of range for a model with 2 layers"):
+        main(["fit", *args(tiny_gemma, tmp_path / "run", str(fragment))])
+    assert not (tmp_path / "run").exists()
+
+
+def test_frozen_parameters_unchanged_and_adapter_moves(tiny_gemma, tmp_path):
+    cli = make_cli([*args(tiny_gemma, tmp_path / "run", "configs/finetune/late.yaml")], run=False)
+    model = cli.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert moved and moved <= trainable
+    assert all(".layers.1." in n and "lora_" in n for n in trainable)
+
+
+def lit(tiny, method=None, adapter=None):
+    return LitFinetune(lm=CausalLMSpec(name=str(tiny)), method=method, adapter=adapter)
+
+
+def answer_batch(module, n=6):
+    prompts = make_prompts(BitwiseTask(), n_shots=2, n_per_concept=1, split="train", include_null=False)[:n]
+    return encode_prompts(module.tokenizer, prompts, with_answers=True)
+
+
+def test_loss_counts_answer_tokens_only(tiny_llama):
+    module = lit(tiny_llama).eval()
+    batch = answer_batch(module)
+    answer_len = len(module.tokenizer(" 00100", add_special_tokens=False)["input_ids"])
+    assert ((batch["labels"] != IGNORE_INDEX).sum(1) == answer_len).all()
+    nll, count = module.answer_nll(batch)
+    assert (count == answer_len).all()
+    with torch.no_grad():
+        reference = module.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+            labels=batch["labels"],
+        ).loss  # transformers' own shifted, masked loss on full logits
+    torch.testing.assert_close(nll.sum() / count.sum(), reference)
+    # changing a prompt token's label to a real id would add it to the loss; -100 keeps it out
+    batch["labels"][:, 0] = 5
+    nll2, count2 = module.answer_nll(batch)
+    assert (count2 == answer_len).all()  # position 0 is never predicted: still only answers counted
+
+
+def test_probe_returns_query_features_labels_and_loss(tiny_llama):
+    module = lit(tiny_llama).eval()
+    batch = answer_batch(module)
+    with torch.no_grad():
+        features, labels, loss = module.probe(batch, [0, 1])
+        hidden = module.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+            output_hidden_states=True,
+        ).hidden_states
+    assert features.shape == (2, 6, 16) and loss.shape == (6,) and torch.equal(labels, batch["concept"])
+    rows = torch.arange(6)
+    torch.testing.assert_close(features[0], hidden[1][rows, batch["query_position"]])  # block 0 output
+    with pytest.raises(ValueError, match="position must be"):
+        module.probe(batch, [0], position="middle")
+
+
+def test_adapter_save_load_merge_through_the_module(tiny_llama, tmp_path):
+    run = tmp_path / "run"
+    main(["fit", *args(tiny_llama, run, "configs/finetune/late.yaml", extra=["--optimizer.init_args.lr=0.05"])])
+    method = LoRA(LateLayers(fraction=0.333))
+    loaded = lit(tiny_llama, method, adapter=str(run / "adapter")).eval()
+    assert lora_targets(loaded.model) and method.resolved_layers == [1]
+    batch = answer_batch(loaded)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        adapted = loaded.model(**inputs).logits
+        base = lit(tiny_llama).model(**inputs).logits
+        assert not torch.allclose(adapted, base, atol=1e-4)
+        merged_dir = export_merged(CausalLMSpec(name=str(tiny_llama)), method, run / "adapter", tmp_path / "merged")
+        merged = lit(merged_dir).eval()  # a plain save_pretrained directory
+        assert not lora_targets(merged.model)
+        torch.testing.assert_close(merged.model(**inputs).logits, adapted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="adapts layers \\[1\\]"):
+        lit(tiny_llama, LoRA(LayerList_0()), adapter=str(run / "adapter"))
+
+
+def LayerList_0():  # noqa: N802
+    from lcd.layers import LayerList
+
+    return LayerList([0])
+
+
+def test_resume_gives_the_same_adapter(tiny_gemma, tmp_path):
+    every2 = tmp_path / "every2.yaml"
+    every2.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {every_n_train_steps: 2, save_last: true}\n"
+        "    - {class_path: lcd.callbacks.ConceptDecodability, init_args: {every_n_steps: 2, probe_per_concept: 4}}\n"
+    )
+    no_dropout = "--model.init_args.method.init_args.dropout=0.0"  # dropout RNG is not part of a checkpoint
+    common = ["--config", str(every2), no_dropout, "--optimizer.init_args.lr=0.01", "--data.init_args.n_train=32",
+              "--trainer.limit_val_batches=0"]  # fmt: skip
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    main(["fit", *args(tiny_gemma, straight, "configs/finetune/early.yaml", extra=[*common, "--trainer.max_steps=6"])])
+    main(["fit", *args(tiny_gemma, broken, "configs/finetune/early.yaml", extra=[*common, "--trainer.max_steps=4"])])
+    main(["fit", *args(tiny_gemma, broken, "configs/finetune/early.yaml", extra=[*common, "--trainer.max_steps=6"]),
+          "--ckpt_path=last"])  # fmt: skip
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, msg=name)
+    steps = [r["step"] for r in read_history(broken / "cd_history.csv")]
+    assert steps == [0, 2, 4, 6]
+
+
+def test_validate_the_pretrained_baseline(tiny_gemma, tmp_path):
+    run = tmp_path / "pretrained"
+    main(["validate", *args(tiny_gemma, run, "configs/finetune/early.yaml", extra=["--model.init_args.method=null"])])
+    (metrics,) = run.glob("csv/version_*/metrics.csv")
+    assert "val/shots_01/acc/concept_AND" in metrics.read_text().splitlines()[0]
+    with pytest.raises(ValueError, match="no finetuning method"):
+        main(["fit", *args(tiny_gemma, tmp_path / "x", extra=["--model.init_args.method=null"])])
