@@ -1,5 +1,6 @@
 """LightningModules: training and probing logic, with the architecture injected."""
 
 from lcd.lit.pretrain import LitPretrain
+from lcd.lit.probe import LitProbe
 
-__all__ = ["LitPretrain"]
+__all__ = ["LitPretrain", "LitProbe"]

@@ -1,0 +1,209 @@
+"""Tokenized k-shot prompts of a natural ICL task (bitwise, POS) for probing and finetuning HF LMs.
+
+Every batch is a dict:
+
+==================  ===========================================================================
+``input_ids``       (B, T) left-padded token ids: the prompt, plus the answer if ``with_answers``
+``attention_mask``  (B, T) 1 on real tokens
+``query_position``  (B,) index of the last prompt token (the token right before the answer),
+                    where Concept Decodability is read; ``T - 1`` for prompt-only batches
+``concept``         (B,) concept id; ``task.null_id`` (= number of concepts) for Null
+``labels``          (B, T) only if ``with_answers``: -100 everywhere except the answer tokens,
+                    for a next-token loss on the answer only (transformers shifts it itself)
+``answers``         list of B gold answer strings (``"00100"``)
+``n_shots``         int, demonstrations per prompt
+==================  ===========================================================================
+
+The answer is tokenized separately (``answer_prefix + answer``, no special tokens) and appended to the
+prompt's ids, so the prompt/answer boundary is exact and the same at training and evaluation time.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lcd.tasks.prompts import ICLPrompt, PromptTemplate, Split, TextICLTask, make_prompts
+
+__all__ = ["ICLTextDataModule", "encode_prompts"]
+
+IGNORE_INDEX = -100
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[ICLPrompt], with_answers: bool = False, max_length: int | None = None
+) -> dict[str, Any]:
+    """Tokenize and left-pad prompts into one batch (see the module docstring for the keys).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer with a pad token.
+        prompts: The prompts.
+        with_answers: Append each prompt's answer tokens and add ``labels``.
+        max_length: Raise if a sequence is longer (prompts are never silently truncated).
+
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token).")
+    prompt_ids = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer([p.target for p in prompts], add_special_tokens=False)["input_ids"]
+    seqs = [q + a for q, a in zip(prompt_ids, answer_ids, strict=True)] if with_answers else prompt_ids
+    t = max(len(s) for s in seqs)
+    if max_length is not None and t > max_length:
+        raise ValueError(f"a prompt has {t} tokens, more than max_length={max_length}: use fewer shots.")
+    ids = torch.full((len(seqs), t), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), t, dtype=torch.long)
+    labels = torch.full((len(seqs), t), IGNORE_INDEX, dtype=torch.long)
+    query = torch.empty(len(seqs), dtype=torch.long)
+    for i, (seq, a) in enumerate(zip(seqs, answer_ids, strict=True)):
+        ids[i, t - len(seq) :] = torch.tensor(seq)  # left padding: every sequence ends at T - 1
+        mask[i, t - len(seq) :] = 1
+        query[i] = t - 1 - (len(a) if with_answers else 0)
+        if with_answers:
+            labels[i, t - len(a) :] = torch.tensor(a)
+    batch: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "query_position": query,
+        "concept": torch.tensor([p.concept for p in prompts]),
+        "answers": [p.answer for p in prompts],
+        "n_shots": prompts[0].n_shots,
+    }
+    if with_answers:
+        batch["labels"] = labels
+    return batch
+
+
+class ICLTextDataModule(L.LightningDataModule):
+    """k-shot prompts of a :class:`~lcd.tasks.prompts.TextICLTask`, tokenized for a causal LM.
+
+    Evaluation: one validation dataloader per entry of ``eval_shots`` (``dataloader_idx`` i is
+    ``eval_shots[i]`` shots), each ``n_per_concept`` prompts per concept (plus as many Null prompts)
+    with queries from ``eval_split``; the same queries at every shot count. Training: ``n_train``
+    prompt+answer sequences at ``train_shots`` shots, queries from the train split, concepts balanced,
+    no Null (its answers are random). ``probe_dataloader`` serves the ConceptDecodability callback.
+
+    The tokenizer belongs to the model, so the LightningModule hands it over with
+    :meth:`set_tokenizer` in its ``setup`` (before any dataloader is built).
+
+    Args:
+        task: The task family (``class_path`` of a TextICLTask).
+        eval_shots: Shot counts evaluated (the paper's 1, 4 and 10).
+        n_per_concept: Evaluation prompts per concept (the paper's 100).
+        eval_split: Split of the evaluation queries; ``test`` unless you are developing prompts.
+        include_null: Add the Null class to evaluation and probe sets.
+        train_shots: Shots of the training prompts (the paper's 4).
+        n_train: Training prompts (the paper's 10K).
+        probe_shots: Shots of the probe set; ``None`` uses ``train_shots``.
+        batch_size: Training batch size.
+        eval_batch_size: Evaluation and probe batch size.
+        name_concept: Start every prompt with a line naming its concept (PAPER.md §5's control).
+        template: Prompt template; ``None`` for the default :class:`~lcd.tasks.prompts.PromptTemplate`.
+        max_length: Longest allowed sequence in tokens; ``None`` for no limit.
+        seed: Seed of every prompt set and of the training order.
+
+    """
+
+    def __init__(
+        self,
+        task: TextICLTask,
+        eval_shots: list[int] | None = None,
+        n_per_concept: int = 100,
+        eval_split: Split = "test",
+        include_null: bool = True,
+        train_shots: int = 4,
+        n_train: int = 10_000,
+        probe_shots: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        name_concept: bool = False,
+        template: PromptTemplate | None = None,
+        max_length: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.eval_shots = list(eval_shots) if eval_shots is not None else [1, 4, 10]
+        if not self.eval_shots or min(self.eval_shots) < 0 or train_shots < 0:
+            raise ValueError(f"shot counts must be >= 0 and eval_shots non-empty, got {self.eval_shots}.")
+        if min(n_per_concept, n_train, batch_size, eval_batch_size) < 1:
+            raise ValueError("n_per_concept, n_train, batch_size and eval_batch_size must be >= 1.")
+        self.task, self.n_per_concept, self.eval_split = task, n_per_concept, eval_split
+        self.include_null, self.train_shots, self.n_train = include_null, train_shots, n_train
+        self.probe_shots = train_shots if probe_shots is None else probe_shots
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.name_concept, self.template, self.max_length, self.seed = name_concept, template, max_length, seed
+        self.tokenizer: Any = None
+        self._cache: dict[tuple, list[ICLPrompt]] = {}
+
+    @property
+    def concept_names(self) -> list[str]:
+        """Names of every label a batch can carry: the task's concepts, then Null."""
+        return self.task.label_names
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use the model's tokenizer (left padding is enforced)."""
+        tokenizer.padding_side = "left"
+        self.tokenizer = tokenizer
+
+    def prompts(
+        self, n_shots: int, split: Split, n_per_concept: int, include_null: bool, stream: int = 0
+    ) -> list[ICLPrompt]:
+        """A cached, seeded prompt set (``stream`` separates sets that must differ)."""
+        key = (n_shots, split, n_per_concept, include_null, stream)
+        if key not in self._cache:
+            self._cache[key] = make_prompts(
+                self.task,
+                n_shots,
+                n_per_concept,
+                split,
+                seed=self.seed * 1000 + stream,
+                include_null=include_null,
+                template=self.template,
+                name_concept=self.name_concept,
+            )
+        return self._cache[key]
+
+    def eval_prompts(self, n_shots: int) -> list[ICLPrompt]:
+        """The evaluation prompts at ``n_shots`` shots."""
+        return self.prompts(n_shots, self.eval_split, self.n_per_concept, self.include_null)
+
+    def train_prompts(self) -> list[ICLPrompt]:
+        """``n_train`` training prompts in a seeded random order (Null excluded)."""
+        per = math.ceil(self.n_train / self.task.n_concepts)
+        prompts = list(self.prompts(self.train_shots, "train", per, include_null=False, stream=1))
+        random.Random(f"train-order/{self.seed}").shuffle(prompts)
+        return prompts[: self.n_train]
+
+    def loader(
+        self, prompts: Sequence[ICLPrompt], batch_size: int | None = None, with_answers: bool = False
+    ) -> DataLoader:
+        """Batches of ``prompts`` in order, tokenized by :func:`encode_prompts`."""
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer yet: call set_tokenizer(model_tokenizer) first.")
+        return DataLoader(
+            list(prompts),
+            batch_size=batch_size or self.eval_batch_size,
+            shuffle=False,
+            collate_fn=partial(encode_prompts, self.tokenizer, with_answers=with_answers, max_length=self.max_length),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Prompt+answer sequences with ``labels`` on the answer tokens only."""
+        return self.loader(self.train_prompts(), self.batch_size, with_answers=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader of prompt-only batches per entry of ``eval_shots``."""
+        return [self.loader(self.eval_prompts(k)) for k in self.eval_shots]
+
+    def probe_dataloader(self, n_per_concept: int | None = None) -> DataLoader:
+        """Prompt+answer batches at ``probe_shots`` shots (Null included) for the CD callback."""
+        prompts = self.prompts(
+            self.probe_shots, self.eval_split, n_per_concept or self.n_per_concept, self.include_null, stream=2
+        )
+        return self.loader(prompts, with_answers=True)

@@ -1,0 +1,112 @@
+"""Loading causal LMs: presets, local dirs, GGUF cache, offline hub names failing fast, every model YAML."""
+
+from __future__ import annotations
+
+import glob
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_lm import save_tiny_lm
+
+from lcd.cli import main
+from lcd.models.hf import PRESETS, CausalLMSpec, cache_root, load_causal_lm, resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+HUB_PRESET_YAMLS = [
+    "llama3.1_8b.yaml",
+    "llama3.1_70b.yaml",
+    "gemma2_2b.yaml",
+    "gemma2_9b.yaml",
+    "gemma2_27b.yaml",
+]
+
+
+@pytest.fixture(autouse=True)
+def empty_hf_cache(tmp_path, monkeypatch):
+    """No test may see (or fill) a real Hugging Face cache, nor reach the network."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_local_directory_loads_with_left_padding_and_depth(tmp_path, arch):
+    path = save_tiny_lm(tmp_path / arch, arch)
+    lm = load_causal_lm(str(path), dtype="bfloat16")
+    assert lm.n_layers == 2 and lm.tokenizer.padding_side == "left" and lm.tokenizer.pad_token_id == 0
+    assert next(lm.model.parameters()).dtype == torch.bfloat16 and not lm.model.training
+    assert lm.source == str(path.resolve())
+
+
+def test_bad_names_fail_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'gemma-nonexistent'"):
+        resolve_source("gemma-nonexistent")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_source(str(tmp_path / "empty"))
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(ValueError, match="not a .gguf"):
+        resolve_source(str(tmp_path / "weights.bin"))
+    with pytest.raises(ValueError, match="dtype"):
+        load_causal_lm(str(save_tiny_lm(tmp_path / "m")), dtype="int8")
+
+
+def test_hub_name_missing_offline_fails_at_once_saying_how_to_use_a_local_copy():
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="point at a local copy"):
+        CausalLMSpec(name="meta-llama/Llama-3.1-8B").check()
+    with pytest.raises(FileNotFoundError, match="google/gemma-2-2b"):
+        resolve_source("gemma-2-2b")
+    assert time.perf_counter() - start < 5
+
+
+def test_presets_and_cache_dir(monkeypatch, tmp_path):
+    assert PRESETS["llama-3.1-70b"] == "meta-llama/Llama-3.1-70B" and PRESETS["gemma-2-27b"] == "google/gemma-2-27b"
+    monkeypatch.setenv("LCD_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    assert resolve_source("gemma3-270m").kind == "gguf"  # no weights touched yet
+
+
+def test_every_model_yaml_is_tested():
+    names = {Path(p).name for p in glob.glob(str(ROOT / "configs/llm/models/*.yaml"))}
+    assert names == {*HUB_PRESET_YAMLS, "gemma3_270m.yaml", "smollm2_135m.yaml"}
+
+
+def _cli(*configs: str, extra: tuple[str, ...] = ()) -> list[str]:
+    args = ["validate"]
+    for c in configs:
+        args += ["--config", str(ROOT / "configs/llm" / c)]
+    return [*args, *extra]
+
+
+@pytest.mark.parametrize("preset", HUB_PRESET_YAMLS)
+def test_hub_preset_yaml_fails_fast_through_the_cli(preset, tmp_path):
+    args = _cli("probe.yaml", f"models/{preset}", "tasks/bitwise.yaml", "debug.yaml")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="point at a local copy"):  # jsonargparse wraps the FileNotFoundError
+        main([*args, f"--trainer.default_root_dir={tmp_path}"])
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.slow
+def test_smollm2_preset_runs_through_the_cli(tmp_path):
+    args = _cli("probe.yaml", "models/smollm2_135m.yaml", "tasks/bitwise.yaml", "debug.yaml")
+    main([*args, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.eval_shots=[1]"])
+    rows = (tmp_path / "probe" / "cd_per_layer.csv").read_text().splitlines()
+    assert len(rows) == 1 + 30  # SmolLM2-135M has 30 layers
+
+
+@pytest.mark.slow
+def test_gemma3_loads_from_the_cache_in_seconds():
+    load_causal_lm("gemma3-270m")  # creates the cache on first use (about a minute)
+    start = time.perf_counter()
+    lm = load_causal_lm("gemma3-270m")
+    assert time.perf_counter() - start < 15
+    assert lm.n_layers == 18 and (cache_root() / "models" / "gemma3-270m" / "model.safetensors").is_file()
+    ids = lm.tokenizer(["The capital of France is"], return_tensors="pt")
+    out = lm.model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert lm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :]).strip()

@@ -1,0 +1,179 @@
+"""The LLM probe: capture under left padding, batched generation, R², every LLM YAML through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_lm import save_tiny_lm
+
+from lcd.cli import main
+from lcd.icl_eval import capture_and_generate, decode_answers, exact_match, greedy_generate, linear_fit
+from lcd.models.hf import load_causal_lm
+from lcd.tasks import BitwiseTask, make_prompts
+from lcd.text_data import encode_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+CONLLU_ROWS = [
+    ("She", "PRON"), ("quickly", "ADV"), ("read", "VERB"), ("the", "DET"), ("old", "ADJ"), ("book", "NOUN"),
+    ("in", "ADP"), ("town", "NOUN"), (".", "PUNCT"),
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny(request, tmp_path_factory):
+    return load_causal_lm(str(save_tiny_lm(tmp_path_factory.mktemp(request.param), request.param)))
+
+
+def test_capture_under_left_padding_matches_each_prompt_alone(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    prompts = [p.text for p in make_prompts(BitwiseTask(), 0, 1, concepts=[0])]
+    prompts += [p.text for p in make_prompts(BitwiseTask(), 3, 2, concepts=[1])]  # longer: others get padded
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"][:, 0] == 0).any()  # really left-padded
+    feats, gen = capture_and_generate(model, batch["input_ids"], batch["attention_mask"], None, 4, tok.pad_token_id)
+    assert feats.shape == (2, 3, 16) and gen.shape == (3, 4)
+    for i, text in enumerate(prompts):
+        alone = tok([text], return_tensors="pt")
+        hs = model(**alone, output_hidden_states=True).hidden_states
+        # hidden_states[l + 1] is block l's output; the last entry has the final norm applied, so compare block 0
+        torch.testing.assert_close(feats[0, i], hs[1][0, -1], atol=1e-4, rtol=1e-4)
+        ref = model.generate(**alone, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert torch.equal(gen[i], ref[0, alone["input_ids"].shape[1] :])
+
+
+def test_capture_only_stops_early_and_generation_matches_plain_generate(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    batch = encode_prompts(tok, make_prompts(BitwiseTask(), 2, 2))
+    hooks = [len(b._forward_hooks) for b in model.model.layers]  # transformers may keep its own
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    only, none = capture_and_generate(model, ids, mask, [0], 0)
+    both, gen = capture_and_generate(model, ids, mask, [0], 6, tok.pad_token_id)
+    torch.testing.assert_close(only, both)
+    assert none.shape == (ids.shape[0], 0)
+    assert torch.equal(gen, greedy_generate(model, ids, mask, 6, tok.pad_token_id))
+    assert [len(b._forward_hooks) for b in model.model.layers] == hooks  # ours are all gone
+
+
+def test_answers_are_cut_at_the_newline_and_matched_exactly():
+    class Tok:
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return [" 00100\nInput", "0010", " noun "]
+
+    assert decode_answers(Tok(), torch.zeros(3, 1)) == ["00100", "0010", "noun"]
+    assert exact_match(["00100", "0010", "noun"], ["00100", "00100", "noun"]).tolist() == [True, False, True]
+
+
+def test_linear_fit_r2():
+    slope, intercept, r2 = linear_fit([0.1, 0.5, 0.9], [0.2, 1.0, 1.8])
+    assert slope == pytest.approx(2) and intercept == pytest.approx(0) and r2 == pytest.approx(1)
+    assert linear_fit([0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0])[2] == pytest.approx(0)
+    assert linear_fit([0.5, 0.5], [0.1, 0.2])[2] != linear_fit([0.5, 0.5], [0.1, 0.2])[2]  # nan: constant x
+
+
+# --- every LLM YAML through the real CLI ----------------------------------------------------------------
+
+LLM_DIR = ROOT / "configs/llm"
+LLM_YAMLS = {Path(p).relative_to(LLM_DIR).as_posix() for p in glob.glob(str(LLM_DIR / "**/*.yaml"), recursive=True)}
+EXERCISED_HERE = {"probe.yaml", "debug.yaml", "patching.yaml", "tasks/bitwise.yaml", "tasks/pos.yaml",
+                  "tasks/pos_conllu.yaml", "models/gemma3_270m.yaml", "models/smollm2_135m.yaml"}  # fmt: skip
+
+
+def test_every_llm_yaml_is_exercised():
+    hub = {f"models/{n}" for n in ["llama3.1_8b.yaml", "llama3.1_70b.yaml", "gemma2_2b.yaml", "gemma2_9b.yaml"]}
+    assert LLM_YAMLS == EXERCISED_HERE | hub | {"models/gemma2_27b.yaml"}  # hub ones: test_hf_models.py
+
+
+def _run(tmp_path: Path, model_dir: Path, *configs: str, extra: tuple[str, ...] = ()) -> Path:
+    args = ["validate"]
+    for c in ("probe.yaml", *configs, "debug.yaml"):
+        args += ["--config", str(ROOT / "configs/llm" / c)]
+    main([*args, f"--model.init_args.lm.name={model_dir}", f"--trainer.default_root_dir={tmp_path}", *extra])
+    return tmp_path
+
+
+def _metrics(run: Path) -> dict[str, float]:
+    (path,) = glob.glob(str(run / "csv" / "version_*" / "metrics.csv"))
+    rows = list(csv.DictReader(open(path)))
+    return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None) and k != "step"}
+
+
+@pytest.mark.parametrize("arch,model_yaml", [("gemma3", "gemma3_270m"), ("llama", "smollm2_135m")])
+def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml):
+    model_dir = save_tiny_lm(tmp_path / "model", arch)
+    run = _run(tmp_path / "run", model_dir, f"models/{model_yaml}.yaml", "tasks/bitwise.yaml", "patching.yaml")
+    m = _metrics(run)
+    for shots in ("01", "04"):
+        assert {f"probe/shots_{shots}/cd/layer_00", f"probe/shots_{shots}/cd/layer_01"} <= m.keys()
+        assert 0 <= m[f"probe/shots_{shots}/cd/best"] <= 1 and m[f"probe/shots_{shots}/cd/best_layer"] in (0, 1)
+        assert 0 <= m[f"probe/shots_{shots}/acc/concept_XNOR"] <= 1
+    assert m["probe/chance"] == pytest.approx(1 / 7)
+    assert "probe/shots_04/patch/positive/concept_AND" in m and m["probe/shots_04/patch/layer"] in (0, 1)
+    rows = list(csv.DictReader(open(run / "probe" / "cd_per_layer.csv")))
+    assert [(r["shots"], r["layer"]) for r in rows] == [("1", "0"), ("1", "1"), ("4", "0"), ("4", "1")]
+    concepts = list(csv.DictReader(open(run / "probe" / "concepts.csv")))
+    assert len(concepts) == 2 * 7 and concepts[-1]["concept"] == "Null" and concepts[-1]["accuracy"] == ""
+    patch = list(csv.DictReader(open(run / "probe" / "patching.csv")))
+    assert len(patch) == 6 and all(int(r["n"]) == 4 for r in patch)
+    for r in patch:
+        assert float(r["base"]) == pytest.approx(m[f"probe/shots_04/acc/concept_{r['concept']}"])
+    for name in ("probe_cd_per_layer", "probe_cd_vs_accuracy", "probe_patching"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_probe_pos_and_conllu_through_the_cli(tmp_path):
+    model_dir = save_tiny_lm(tmp_path / "model", "llama")
+    m = _metrics(_run(tmp_path / "pos", model_dir, "models/gemma3_270m.yaml", "tasks/pos.yaml"))
+    assert "probe/shots_04/acc/concept_Pronoun" in m and "probe/shots_01/cd/concept_Null" in m
+    conllu = tmp_path / "toy.conllu"
+    blocks = []
+    for s in range(30):  # 30 distinct sentences with all six tags
+        rows = [(w if w != "book" else f"book{s}", t) for w, t in CONLLU_ROWS]
+        blocks.append("\n".join(f"{i}\t{w}\t{w}\t{t}\t_\t_\t0\t_\t_\t_" for i, (w, t) in enumerate(rows, 1)))
+    conllu.write_text("\n\n".join(blocks) + "\n\n")
+    extra = (f"--data.init_args.task.init_args.conllu_path={conllu}", "--model.init_args.generate=false")
+    m = _metrics(_run(tmp_path / "conllu", model_dir, "models/gemma3_270m.yaml", "tasks/pos_conllu.yaml", extra=extra))
+    assert "probe/shots_01/cd/best" in m and "probe/shots_01/acc/mean" not in m
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    model_dir = save_tiny_lm(tmp_path / "model", "llama")
+    with pytest.raises(ValueError, match="out of range"):
+        _run(tmp_path / "a", model_dir, "tasks/bitwise.yaml", extra=("--model.init_args.layers=[5]",))
+    with pytest.raises(ValueError, match="patch_shots=10"):
+        _run(
+            tmp_path / "b",
+            model_dir,
+            "tasks/bitwise.yaml",
+            "patching.yaml",
+            extra=("--model.init_args.patch_shots=10",),
+        )
+    with pytest.raises(ValueError, match="does not exist"):  # jsonargparse wraps errors raised in __init__
+        _run(tmp_path / "c", tmp_path / "nowhere.gguf", "tasks/bitwise.yaml")
+
+
+# --- the real model (slow; CI runs it) ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gemma3_270m_probe_finds_concepts_above_chance(tmp_path):
+    args = ["validate"]
+    for c in ("probe.yaml", "models/gemma3_270m.yaml", "tasks/bitwise.yaml", "debug.yaml"):
+        args += ["--config", str(ROOT / "configs/llm" / c)]
+    extra = ["--data.init_args.eval_shots=[4]", "--data.init_args.n_per_concept=15", "--model.init_args.k=10"]
+    main([*args, *extra, f"--trainer.default_root_dir={tmp_path}"])
+    m = _metrics(tmp_path)
+    chance = m["probe/chance"]
+    cds = sorted(m[f"probe/shots_04/cd/concept_{c}"] for c in ["AND", "NAND", "OR", "NOR", "XOR", "XNOR"])
+    assert m["probe/shots_04/cd/best"] > 2 * chance
+    assert cds[-1] > 3 * chance and cds[-2] > 2 * chance  # the best-encoded concepts stand well above chance
+    assert len(list(csv.DictReader(open(tmp_path / "probe" / "cd_per_layer.csv")))) == 18
