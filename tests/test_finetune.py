@@ -1,5 +1,6 @@
 """LitFinetune through the real CLI with tiny LMs: strategy swap, masking, resume, adapters, every YAML."""
 
+import csv
 import json
 
 import pytest
@@ -221,3 +222,22 @@ def test_validate_the_pretrained_baseline(tiny_gemma, tmp_path):
     assert "val/shots_01/acc/concept_AND" in metrics.read_text().splitlines()[0]
     with pytest.raises(ValueError, match="no finetuning method"):
         main(["fit", *args(tiny_gemma, tmp_path / "x", extra=["--model.init_args.method=null"])])
+
+
+def test_compare_writes_the_table(tiny_gemma, tmp_path):
+    from lcd.compare import main as compare_main
+
+    out = tmp_path / "compare"
+    sets = [f"model.init_args.lm.name={tiny_gemma}", "trainer.callbacks.probe_per_concept=4", "trainer.max_steps=2"]
+    compare_main(["--task", "configs/llm/tasks/bitwise.yaml", "--model", "configs/llm/models/gemma3_270m.yaml",
+                  "--config", "configs/finetune/debug.yaml", *[a for s in sets for a in ("--set", s)],
+                  "--out", str(out)])  # fmt: skip
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert [r["condition"] for r in rows] == ["pretrained", "early", "late", "name_concept"]
+    assert all(0 <= float(r["cd_mean"]) <= 1 and 0 <= float(r["acc_mean"]) <= 100 for r in rows)
+    assert len({r["layer"] for r in rows}) == 1
+    md = (out / "table.md").read_text()
+    assert "mean ± sd over 6 concepts" in md and "| late |" in md
+    if int(rows[0]["layer"]) == 0:  # measured upstream of the late group (layer 1): CD must equal pretrained
+        assert rows[2]["cd_mean"] == rows[0]["cd_mean"] and "cannot change CD" in md
+    assert list(out.glob("wandb/offline-run-*")) or list(out.glob("wandb/run-*"))
