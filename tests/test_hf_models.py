@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import glob
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import config
 from tiny_lm import save_tiny_lm
 
 from lcd.cli import main
 from lcd.models.hf import PRESETS, CausalLMSpec, cache_root, load_causal_lm, resolve_source
 
-ROOT = Path(__file__).resolve().parents[1]
 HUB_PRESET_YAMLS = [
-    "llama3.1_8b.yaml",
-    "llama3.1_70b.yaml",
-    "gemma2_2b.yaml",
-    "gemma2_9b.yaml",
-    "gemma2_27b.yaml",
+    "configs/llm/models/llama3.1_8b.yaml",
+    "configs/llm/models/llama3.1_70b.yaml",
+    "configs/llm/models/gemma2_2b.yaml",
+    "configs/llm/models/gemma2_9b.yaml",
+    "configs/llm/models/gemma2_27b.yaml",
 ]
+PROBE = ["configs/llm/probe.yaml", "configs/llm/tasks/bitwise.yaml"]
 
 
 @pytest.fixture(autouse=True)
@@ -71,21 +70,9 @@ def test_presets_and_cache_dir(monkeypatch, tmp_path):
     assert resolve_source("gemma3-270m").kind == "gguf"  # no weights touched yet
 
 
-def test_every_model_yaml_is_tested():
-    names = {Path(p).name for p in glob.glob(str(ROOT / "configs/llm/models/*.yaml"))}
-    assert names == {*HUB_PRESET_YAMLS, "gemma3_270m.yaml", "smollm2_135m.yaml"}
-
-
-def _cli(*configs: str, extra: tuple[str, ...] = ()) -> list[str]:
-    args = ["validate"]
-    for c in configs:
-        args += ["--config", str(ROOT / "configs/llm" / c)]
-    return [*args, *extra]
-
-
 @pytest.mark.parametrize("preset", HUB_PRESET_YAMLS)
 def test_hub_preset_yaml_fails_fast_through_the_cli(preset, tmp_path):
-    args = _cli("probe.yaml", f"models/{preset}", "tasks/bitwise.yaml", "debug.yaml")
+    args = ["validate", *config(PROBE[0], preset, PROBE[1], "configs/llm/debug.yaml")]
     start = time.perf_counter()
     with pytest.raises(ValueError, match="point at a local copy"):  # jsonargparse wraps the FileNotFoundError
         main([*args, f"--trainer.default_root_dir={tmp_path}"])
@@ -94,7 +81,7 @@ def test_hub_preset_yaml_fails_fast_through_the_cli(preset, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_preset_runs_through_the_cli(tmp_path):
-    args = _cli("probe.yaml", "models/smollm2_135m.yaml", "tasks/bitwise.yaml", "debug.yaml")
+    args = ["validate", *config(PROBE[0], "configs/llm/models/smollm2_135m.yaml", PROBE[1], "configs/llm/debug.yaml")]
     main([*args, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.eval_shots=[1]"])
     rows = (tmp_path / "probe" / "cd_per_layer.csv").read_text().splitlines()
     assert len(rows) == 1 + 30  # SmolLM2-135M has 30 layers

@@ -106,3 +106,23 @@ def test_synthetic_matrix_defaults_to_the_best_cd_layer():
     result = synthetic_patching_matrix(net, probe, val, n_concepts=4, mode="add")
     assert result.layer == int(result.cd.argmax()) and result.cd.shape == (3,)
     assert torch.isfinite(result.delta).all()
+
+
+def test_patch_synthetic_command_on_a_fitted_run(tmp_path):
+    from conftest import DEBUG, TINY_SYNTHETIC, config
+
+    from lcd import patch_synthetic
+    from lcd.cli import main
+
+    fit = ["fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml"), "--config", DEBUG]
+    main([*fit, *TINY_SYNTHETIC, f"--trainer.default_root_dir={tmp_path}"])
+    (cfg,) = tmp_path.rglob("config.yaml")
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    out = tmp_path / "patching"
+    result = patch_synthetic.main(["--config", str(cfg), "--ckpt", str(ckpt), "--layer", "-1", "--out", str(out)])
+    assert result.layer == 1 and result.delta.shape == (4, 4)
+    rows = (out / "patching_matrix.csv").read_text().splitlines()
+    assert len(rows) == 1 + 16 and rows[1].startswith("1,replace,")
+    assert (out / "plots" / "patching_matrix.png").is_file()
+    with pytest.raises(FileNotFoundError):
+        patch_synthetic.main(["--config", str(tmp_path / "missing.yaml")])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import config
 from tiny_lm import save_tiny_lm
 
 from lcd.cli import main
@@ -16,7 +17,6 @@ from lcd.models.hf import load_causal_lm
 from lcd.tasks import BitwiseTask, make_prompts
 from lcd.text_data import encode_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
 CONLLU_ROWS = [
     ("She", "PRON"), ("quickly", "ADV"), ("read", "VERB"), ("the", "DET"), ("old", "ADJ"), ("book", "NOUN"),
     ("in", "ADP"), ("town", "NOUN"), (".", "PUNCT"),
@@ -82,21 +82,9 @@ def test_linear_fit_r2():
 
 # --- every LLM YAML through the real CLI ----------------------------------------------------------------
 
-LLM_DIR = ROOT / "configs/llm"
-LLM_YAMLS = {Path(p).relative_to(LLM_DIR).as_posix() for p in glob.glob(str(LLM_DIR / "**/*.yaml"), recursive=True)}
-EXERCISED_HERE = {"probe.yaml", "debug.yaml", "patching.yaml", "tasks/bitwise.yaml", "tasks/pos.yaml",
-                  "tasks/pos_conllu.yaml", "models/gemma3_270m.yaml", "models/smollm2_135m.yaml"}  # fmt: skip
-
-
-def test_every_llm_yaml_is_exercised():
-    hub = {f"models/{n}" for n in ["llama3.1_8b.yaml", "llama3.1_70b.yaml", "gemma2_2b.yaml", "gemma2_9b.yaml"]}
-    assert LLM_YAMLS == EXERCISED_HERE | hub | {"models/gemma2_27b.yaml"}  # hub ones: test_hf_models.py
-
 
 def _run(tmp_path: Path, model_dir: Path, *configs: str, extra: tuple[str, ...] = ()) -> Path:
-    args = ["validate"]
-    for c in ("probe.yaml", *configs, "debug.yaml"):
-        args += ["--config", str(ROOT / "configs/llm" / c)]
+    args = ["validate", *config("configs/llm/probe.yaml", *configs, "configs/llm/debug.yaml")]
     main([*args, f"--model.init_args.lm.name={model_dir}", f"--trainer.default_root_dir={tmp_path}", *extra])
     return tmp_path
 
@@ -107,10 +95,13 @@ def _metrics(run: Path) -> dict[str, float]:
     return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None) and k != "step"}
 
 
-@pytest.mark.parametrize("arch,model_yaml", [("gemma3", "gemma3_270m"), ("llama", "smollm2_135m")])
+@pytest.mark.parametrize(
+    "arch,model_yaml",
+    [("gemma3", "configs/llm/models/gemma3_270m.yaml"), ("llama", "configs/llm/models/smollm2_135m.yaml")],
+)
 def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml):
     model_dir = save_tiny_lm(tmp_path / "model", arch)
-    run = _run(tmp_path / "run", model_dir, f"models/{model_yaml}.yaml", "tasks/bitwise.yaml", "patching.yaml")
+    run = _run(tmp_path / "run", model_dir, model_yaml, "configs/llm/tasks/bitwise.yaml", "configs/llm/patching.yaml")
     m = _metrics(run)
     for shots in ("01", "04"):
         assert {f"probe/shots_{shots}/cd/layer_00", f"probe/shots_{shots}/cd/layer_01"} <= m.keys()
@@ -132,7 +123,8 @@ def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml)
 
 def test_probe_pos_and_conllu_through_the_cli(tmp_path):
     model_dir = save_tiny_lm(tmp_path / "model", "llama")
-    m = _metrics(_run(tmp_path / "pos", model_dir, "models/gemma3_270m.yaml", "tasks/pos.yaml"))
+    gemma = "configs/llm/models/gemma3_270m.yaml"
+    m = _metrics(_run(tmp_path / "pos", model_dir, gemma, "configs/llm/tasks/pos.yaml"))
     assert "probe/shots_04/acc/concept_Pronoun" in m and "probe/shots_01/cd/concept_Null" in m
     conllu = tmp_path / "toy.conllu"
     blocks = []
@@ -141,24 +133,24 @@ def test_probe_pos_and_conllu_through_the_cli(tmp_path):
         blocks.append("\n".join(f"{i}\t{w}\t{w}\t{t}\t_\t_\t0\t_\t_\t_" for i, (w, t) in enumerate(rows, 1)))
     conllu.write_text("\n\n".join(blocks) + "\n\n")
     extra = (f"--data.init_args.task.init_args.conllu_path={conllu}", "--model.init_args.generate=false")
-    m = _metrics(_run(tmp_path / "conllu", model_dir, "models/gemma3_270m.yaml", "tasks/pos_conllu.yaml", extra=extra))
+    m = _metrics(_run(tmp_path / "conllu", model_dir, gemma, "configs/llm/tasks/pos_conllu.yaml", extra=extra))
     assert "probe/shots_01/cd/best" in m and "probe/shots_01/acc/mean" not in m
 
 
 def test_bad_options_fail_before_any_work(tmp_path):
     model_dir = save_tiny_lm(tmp_path / "model", "llama")
     with pytest.raises(ValueError, match="out of range"):
-        _run(tmp_path / "a", model_dir, "tasks/bitwise.yaml", extra=("--model.init_args.layers=[5]",))
+        _run(tmp_path / "a", model_dir, "configs/llm/tasks/bitwise.yaml", extra=("--model.init_args.layers=[5]",))
     with pytest.raises(ValueError, match="patch_shots=10"):
         _run(
             tmp_path / "b",
             model_dir,
-            "tasks/bitwise.yaml",
-            "patching.yaml",
+            "configs/llm/tasks/bitwise.yaml",
+            "configs/llm/patching.yaml",
             extra=("--model.init_args.patch_shots=10",),
         )
     with pytest.raises(ValueError, match="does not exist"):  # jsonargparse wraps errors raised in __init__
-        _run(tmp_path / "c", tmp_path / "nowhere.gguf", "tasks/bitwise.yaml")
+        _run(tmp_path / "c", tmp_path / "nowhere.gguf", "configs/llm/tasks/bitwise.yaml")
 
 
 # --- the real model (slow; CI runs it) ----------------------------------------------------------------
@@ -166,9 +158,8 @@ def test_bad_options_fail_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_gemma3_270m_probe_finds_concepts_above_chance(tmp_path):
-    args = ["validate"]
-    for c in ("probe.yaml", "models/gemma3_270m.yaml", "tasks/bitwise.yaml", "debug.yaml"):
-        args += ["--config", str(ROOT / "configs/llm" / c)]
+    yamls = ["configs/llm/probe.yaml", "configs/llm/models/gemma3_270m.yaml", "configs/llm/tasks/bitwise.yaml"]
+    args = ["validate", *config(*yamls, "configs/llm/debug.yaml")]
     extra = ["--data.init_args.eval_shots=[4]", "--data.init_args.n_per_concept=15", "--model.init_args.k=10"]
     main([*args, *extra, f"--trainer.default_root_dir={tmp_path}"])
     m = _metrics(tmp_path)
