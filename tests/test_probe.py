@@ -168,3 +168,10 @@ def test_gemma3_270m_probe_finds_concepts_above_chance(tmp_path):
     assert m["probe/shots_04/cd/best"] > 2 * chance
     assert cds[-1] > 3 * chance and cds[-2] > 2 * chance  # the best-encoded concepts stand well above chance
     assert len(list(csv.DictReader(open(tmp_path / "probe" / "cd_per_layer.csv")))) == 18
+
+
+def test_probe_without_null_class(tmp_path):
+    model_dir = save_tiny_lm(tmp_path / "model", "llama")
+    extra = ("--data.init_args.include_null=false", "--data.init_args.eval_shots=[1]")
+    m = _metrics(_run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml", extra=extra))
+    assert m["probe/chance"] == pytest.approx(1 / 6) and "probe/shots_01/cd/concept_Null" not in m

@@ -152,7 +152,7 @@ class LitProbe(L.LightningModule):
             per_cd = per_concept_decodability(features[best], labels, self.k, self.distance)
             res = {"layers": self._layers, "cd": cd, "best_layer": self._layers[best], "concepts": {}}
             correct = torch.cat(store["correct"]) if store["correct"] else None
-            for c in range(null_id + 1):
+            for c in sorted(per_cd):  # the classes present (Null only if the data includes it)
                 acc = correct[labels == c].float().mean().item() if correct is not None and c != null_id else None
                 res["concepts"][names[c]] = {"cd": per_cd[c], "acc": acc, "n": int((labels == c).sum())}
             self.results[shots] = res
