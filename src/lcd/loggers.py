@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 _DIR_VARS = {
     "WANDB_DIR": "",
@@ -118,6 +118,19 @@ class WandbLogger(_LightningWandbLogger):
             mode=mode,
             **kwargs,
         )
+
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Finish the W&B run, so the next run in this process (a sweep, a test) gets its own.
+
+        A later ``validate``/``test`` with this logger continues the same run: the id is kept and
+        W&B resumes it.
+        """
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
 
 
 class CSVLogger(_LightningCSVLogger):
