@@ -109,6 +109,28 @@ def test_lora_on_synthetic_model():
     assert peft_model(xs, ys).shape == (3, 4)
 
 
+@pytest.mark.parametrize("method", [LoRA(LayerList([1]), dropout=0.0), LayerFinetune(LayerList([1]))])
+def test_methods_on_synthetic_model_train_save_and_load(method, tmp_path):
+    def net():
+        torch.manual_seed(0)
+        return ICLTransformer(n_dims=4, n_pairs=4, n_layers=2, d_model=16, n_heads=2)
+
+    model = method.apply(net())
+    assert trainable_parameter_names(model) and all(".h.1." in n for n in trainable_parameter_names(model))
+    xs, ys = torch.randn(3, 4, 4), torch.randn(3, 4)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        ((model(xs, ys) - ys) ** 2).mean().backward()
+        optim.step()
+        optim.zero_grad()
+    method.save(model, tmp_path)
+    loaded = method.load(net(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(xs, ys), model(xs, ys))
+        assert not torch.allclose(net()(xs, ys), model(xs, ys))
+        torch.testing.assert_close(method.merge(loaded)(xs, ys), model(xs, ys), atol=1e-5, rtol=1e-5)
+
+
 def test_default_targets_are_the_linear_modules_of_a_block():
     assert default_target_modules(tiny_llama(), [0]) == sorted(LLAMA_BLOCK)
     assert default_target_modules(tiny_gpt2(), [1]) == GPT2_BLOCK
