@@ -31,7 +31,8 @@ from lcd.text_data import encode_prompts
 def naive(model, tok, prompts, generate: bool) -> torch.Tensor:
     feats = []
     for p in prompts:
-        enc = tok([p.text], return_tensors="pt")
+        one = encode_prompts(tok, [p])  # the same token ids as the batched path, unpadded
+        enc = {"input_ids": one["input_ids"], "attention_mask": one["attention_mask"]}
         hs = model(**enc, output_hidden_states=True).hidden_states  # (L + 1) x (1, T, d)
         feats.append(torch.stack([h[0, -1] for h in hs[1:]]))
         if generate:

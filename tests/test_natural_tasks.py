@@ -217,9 +217,11 @@ def test_encode_prompts_left_pads_and_masks_labels_to_the_answer():
     assert (mask[:, -1] == 1).all() and (ids[mask == 0] == tok.pad_token_id).all()
     for i, p in enumerate(prompts):
         kept = labels[i][labels[i] != -100]
-        assert tok.decode(kept) == p.target  # the loss sees exactly the answer tokens
+        assert tok.decode(kept) == p.answer  # the loss sees exactly the answer tokens...
         q = batch["query_position"][i]
-        assert tok.decode(ids[i, : q + 1][mask[i, : q + 1] == 1], skip_special_tokens=True) == p.text
+        # ...and the byte tokenizer's bare leading space token moved to the prompt, sequence unchanged
+        assert tok.decode(ids[i, : q + 1][mask[i, : q + 1] == 1], skip_special_tokens=True) == p.text + " "
+        assert tok.decode(ids[i][mask[i] == 1], skip_special_tokens=True) == p.text + p.target
         assert (labels[i, : q + 1] == -100).all()
     plain = encode_prompts(tok, prompts)
     assert "labels" not in plain and (plain["query_position"] == plain["input_ids"].shape[1] - 1).all()
@@ -241,3 +243,12 @@ def test_datamodule_serves_eval_train_and_probe_batches():
     assert all((b["concept"] < 6).all() for b in train)  # no Null in training
     probe = next(iter(dm.probe_dataloader(2)))
     assert "labels" in probe and dm.concept_names[-1] == "Null" and len(dm.concept_names) == 7
+
+
+def test_answer_tokens_stay_put_when_the_answer_starts_with_content():
+    tok = byte_tokenizer()
+    prompts = make_prompts(BitwiseTask(), 1, 1, concepts=[0], template=PromptTemplate(answer_prefix=""))
+    batch = encode_prompts(tok, prompts, with_answers=True)
+    q = int(batch["query_position"][0])
+    assert tok.decode(batch["input_ids"][0, q]) == ":"  # the prompt still ends at "Output:"
+    assert tok.decode(batch["labels"][0, q + 1 :]) == prompts[0].answer

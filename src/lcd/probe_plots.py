@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lcd.icl_eval import linear_fit  # noqa: E402
 
@@ -25,6 +26,7 @@ def plot_cd_per_layer(results: dict[int, dict], chance: float) -> Figure:
         ax.plot(res["best_layer"], res["cd"][best].item(), "*", ms=12, color=line.get_color())
     ax.axhline(chance, ls="--", color="grey", label="chance")
     ax.set(xlabel="layer (0-based)", ylabel="CD (leave-one-out 10-NN accuracy)", ylim=(0, 1.02))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Concept decodability at the token before the answer")
     ax.legend(fontsize=8)
     return fig

@@ -16,6 +16,10 @@ Every batch is a dict:
 
 The answer is tokenized separately (``answer_prefix + answer``, no special tokens) and appended to the
 prompt's ids, so the prompt/answer boundary is exact and the same at training and evaluation time.
+Leading answer tokens that decode to whitespace only are moved to the end of the prompt: Gemma, for
+instance, tokenizes ``" 00100"`` as ``" ", "0", "0", ...``, and the bare space is formatting, not answer.
+The last prompt token (where CD is read and patching writes) is then the one whose output is the first
+*content* token of the answer, for every tokenizer alike; the token sequence is unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ def encode_prompts(
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token).")
     prompt_ids = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
     answer_ids = tokenizer([p.target for p in prompts], add_special_tokens=False)["input_ids"]
+    for i, a in enumerate(answer_ids):
+        n_space = 0  # leading whitespace-only answer tokens, kept in the prompt (see the module docstring)
+        while n_space < len(a) - 1 and not tokenizer.decode(a[: n_space + 1]).strip():
+            n_space += 1
+        prompt_ids[i], answer_ids[i] = prompt_ids[i] + a[:n_space], a[n_space:]
     seqs = [q + a for q, a in zip(prompt_ids, answer_ids, strict=True)] if with_answers else prompt_ids
     t = max(len(s) for s in seqs)
     if max_length is not None and t > max_length:
