@@ -75,6 +75,7 @@ class ConceptDecodability(L.Callback):
         self.snapshot_layers, self.snapshot_method = snapshot_layers, snapshot_method
         self.history: list[dict[str, float]] = []
         self._layers: list[int] = []
+        self._probe_batches: list | None = None
 
     # --- setup: fail before any work on a config that cannot work ---------------------------------
 
@@ -85,6 +86,7 @@ class ConceptDecodability(L.Callback):
         if not hasattr(trainer.datamodule, "probe_dataloader"):
             raise TypeError("ConceptDecodability needs a datamodule with probe_dataloader(n_per_concept).")
         self._layers = resolve_layers(self.layers, n_decoder_layers(pl_module))
+        self._probe_batches = None  # built on first use, then reused: the probe set is fixed
         if self.snapshot_layers is not None:
             resolve_layers(self.snapshot_layers, n_decoder_layers(pl_module))
 
@@ -126,8 +128,9 @@ class ConceptDecodability(L.Callback):
         loss_count = torch.zeros(n_concepts, device=pl_module.device)
         snapshot = trainer.global_step in self.snapshot_steps
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-        loader = trainer.datamodule.probe_dataloader(self.probe_per_concept)
-        for i, batch in enumerate(loader):
+        if self._probe_batches is None:
+            self._probe_batches = list(trainer.datamodule.probe_dataloader(self.probe_per_concept))
+        for i, batch in enumerate(self._probe_batches):
             if i % trainer.world_size != trainer.global_rank:  # shard the probe set across processes
                 continue
             batch = move_data_to_device(batch, pl_module.device)
