@@ -127,10 +127,12 @@ def answer_batch(module, n=6):
 def test_loss_counts_answer_tokens_only(tiny_llama):
     module = lit(tiny_llama).eval()
     batch = answer_batch(module)
-    answer_len = len(module.tokenizer(" 00100", add_special_tokens=False)["input_ids"])
-    assert ((batch["labels"] != IGNORE_INDEX).sum(1) == answer_len).all()
+    is_answer = batch["labels"] != IGNORE_INDEX
+    for row, answer in zip(batch["labels"], batch["answers"], strict=True):  # exactly the answer's tokens
+        assert module.tokenizer.decode(row[row != IGNORE_INDEX]).strip() == answer
+    answer_len = is_answer.sum(1)
     nll, count = module.answer_nll(batch)
-    assert (count == answer_len).all()
+    assert torch.equal(count, answer_len)
     with torch.no_grad():
         reference = module.model(
             input_ids=batch["input_ids"],
@@ -142,7 +144,7 @@ def test_loss_counts_answer_tokens_only(tiny_llama):
     # changing a prompt token's label to a real id would add it to the loss; -100 keeps it out
     batch["labels"][:, 0] = 5
     nll2, count2 = module.answer_nll(batch)
-    assert (count2 == answer_len).all()  # position 0 is never predicted: still only answers counted
+    assert torch.equal(count2, answer_len)  # position 0 is never predicted: still only answers counted
 
 
 def test_probe_returns_query_features_labels_and_loss(tiny_llama):
