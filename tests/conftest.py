@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread per process: tests start several processes (DDP, CLI subprocesses) on 2 cores, and
+# oversubscribed OpenMP threads spin-wait each other (a 7x slowdown was measured here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs/debug.yaml")
