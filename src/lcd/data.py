@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from lcd.curriculum import Curriculum
 from lcd.tasks.base import ICLTask
 
 _VAL_STREAM, _PROBE_STREAM = 1, 2  # separate seed streams: validation and probe sets never overlap training
@@ -27,13 +28,20 @@ def _generator(seed: int, stream: int, index: int) -> torch.Generator:
 class _TaskStream(IterableDataset):
     """Infinite stream of whole batches ``start, start + step, ...`` (the DataLoader must not re-batch)."""
 
-    def __init__(self, task: ICLTask, batch_size: int, seed: int, start: int, step: int) -> None:
+    def __init__(
+        self, task: ICLTask, batch_size: int, seed: int, start: int, step: int, curriculum: Curriculum | None = None
+    ) -> None:
         self.task, self.batch_size, self.seed, self.start, self.step = task, batch_size, seed, start, step
+        self.curriculum = curriculum
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         index = self.start
         while True:
-            yield self.task.sample(self.batch_size, _generator(self.seed, 0, index))
+            generator = _generator(self.seed, 0, index)
+            if self.curriculum is None:
+                yield self.task.sample(self.batch_size, generator)
+            else:
+                yield self.curriculum.sample(self.task, self.batch_size, generator, index)
             index += self.step
 
 
@@ -56,6 +64,9 @@ class SyntheticICLDataModule(L.LightningDataModule):
         val_per_concept: Validation prompts per concept.
         probe_per_concept: Prompts per concept in the probe set used for Concept Decodability.
         eval_batch_size: Batch size of the validation and probe sets.
+        curriculum: Optional training curriculum, e.g. :class:`~lcd.curriculum.ConceptCurriculum`; a
+            function of the batch index, so the stream stays seeded and resumable. Validation and
+            probe sets always use the full task.
 
     """
 
@@ -67,6 +78,7 @@ class SyntheticICLDataModule(L.LightningDataModule):
         val_per_concept: int = 128,
         probe_per_concept: int = 100,
         eval_batch_size: int = 256,
+        curriculum: Curriculum | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -76,6 +88,7 @@ class SyntheticICLDataModule(L.LightningDataModule):
         self.task, self.batch_size, self.seed = task, batch_size, seed
         self.val_per_concept, self.probe_per_concept = val_per_concept, probe_per_concept
         self.eval_batch_size = eval_batch_size
+        self.curriculum = curriculum
 
     @property
     def n_dims(self) -> int:
@@ -102,7 +115,8 @@ class SyntheticICLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The infinite training stream; set ``trainer.max_steps`` to end training."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        stream = _TaskStream(self.task, self.batch_size, self.seed, self._first_batch_index() + rank, world)
+        start = self._first_batch_index() + rank
+        stream = _TaskStream(self.task, self.batch_size, self.seed, start, world, self.curriculum)
         return DataLoader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

@@ -87,6 +87,17 @@ class LitPretrain(L.LightningModule):
         """The paper's Adam (lr 1e-4, betas 0.9/0.9999); LightningCLI's ``optimizer:`` overrides it."""
         return torch.optim.Adam(self.parameters(), lr=1e-4, betas=(0.9, 0.9999))
 
+    def on_fit_start(self) -> None:
+        """Step every lr scheduler after each optimizer step, not each epoch.
+
+        LightningCLI's ``lr_scheduler:`` is registered with Lightning's default interval, ``epoch``, and
+        the training stream is infinite, so an epoch never ends and the scheduler would never step.
+        ``ReduceLROnPlateau`` is left alone (it follows its monitored validation metric).
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            if not config.reduce_on_plateau:
+                config.interval = "step"
+
     # --- validation: per-concept, per-position error -----------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
