@@ -170,7 +170,8 @@ def main() -> None:
             light.append(lightning_loop(setup, init, warmup, steps, args.accelerator, device, args.precision))
         p, lt = statistics.median(plain), statistics.median(light)
         print(
-            f"{name}: batch {setup.datamodule.batch_size}, {warmup} warm-up + {steps} timed steps, {args.rounds} rounds | "
+            f"{name}: batch {setup.datamodule.batch_size}, {warmup} warm-up + {steps} timed steps, "
+            f"{args.rounds} rounds | "
             f"plain {p:.0f} seq/s ({p / setup.datamodule.batch_size:.2f} steps/s) | "
             f"lightning {lt:.0f} seq/s ({lt / setup.datamodule.batch_size:.2f} steps/s) | "
             f"ratio lightning/plain {lt / p:.3f} (rounds: plain {[round(x) for x in plain]}, "

@@ -50,7 +50,8 @@ def test_metric_under_ddp_equals_one_process():
 
 def test_callback_under_ddp_equals_one_process(tmp_path):
     args = [*config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml", "callbacks/concept_decodability.yaml"),
-            "--config", DEBUG, *TINY_SYNTHETIC, "--trainer.max_steps=2", "--data.init_args.eval_batch_size=10"]  # fmt: skip
+            "--config", DEBUG, *TINY_SYNTHETIC, "--trainer.max_steps=2",
+            "--data.init_args.eval_batch_size=10"]  # fmt: skip
     env = dict(os.environ, WANDB_MODE="offline")
     for name, extra in [("single", []), ("ddp", ["--trainer.strategy=ddp", "--trainer.devices=2"])]:
         proc = subprocess.run(
