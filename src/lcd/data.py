@@ -25,6 +25,17 @@ def _generator(seed: int, stream: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + index) % (2**63 - 1))
 
 
+def consumed_batches(trainer: L.Trainer | None) -> int:
+    """Training batches a resumed run has consumed, over all processes (0 without a trainer).
+
+    Lightning checkpoints at optimizer-step boundaries, so this is
+    ``global_step * accumulate_grad_batches * world_size``.
+    """
+    if trainer is None:
+        return 0
+    return trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size
+
+
 class _TaskStream(IterableDataset):
     """Infinite stream of whole batches ``start, start + step, ...`` (the DataLoader must not re-batch)."""
 
@@ -106,11 +117,7 @@ class SyntheticICLDataModule(L.LightningDataModule):
         return self.task.concept_names
 
     def _first_batch_index(self) -> int:
-        # Batches already consumed by a resumed run; Lightning checkpoints at optimizer-step boundaries.
-        trainer = self.trainer
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size
+        return consumed_batches(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         """The infinite training stream; set ``trainer.max_steps`` to end training."""

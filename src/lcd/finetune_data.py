@@ -18,6 +18,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
+from lcd.data import consumed_batches
 from lcd.tasks.prompts import ICLPrompt
 from lcd.text_data import ICLTextDataModule, encode_prompts
 
@@ -48,11 +49,7 @@ class FinetuneDataModule(ICLTextDataModule):
     """
 
     def _first_batch_index(self) -> int:
-        # Batches already consumed by a resumed run; Lightning checkpoints at optimizer-step boundaries.
-        trainer = self.trainer
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size
+        return consumed_batches(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         """Prompt+answer batches cycling over the training prompts, starting where a resumed run stopped."""
