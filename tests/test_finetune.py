@@ -237,9 +237,11 @@ def test_compare_writes_the_table(tiny_gemma, tmp_path):
     rows = list(csv.DictReader((out / "table.csv").open()))
     assert [r["condition"] for r in rows] == ["pretrained", "early", "late", "name_concept"]
     assert all(0 <= float(r["cd_mean"]) <= 1 and 0 <= float(r["acc_mean"]) <= 100 for r in rows)
+    assert all(0 <= float(r["cd_pooled"]) <= 1 for r in rows)  # the pooled classifier over concepts + Null
     assert len({r["layer"] for r in rows}) == 1
     md = (out / "table.md").read_text()
     assert "mean ± sd over 6 concepts" in md and "| late |" in md
     if int(rows[0]["layer"]) == 0:  # measured upstream of the late group (layer 1): CD must equal pretrained
         assert rows[2]["cd_mean"] == rows[0]["cd_mean"] and "cannot change CD" in md
+        assert rows[2]["cd_pooled"] == rows[0]["cd_pooled"]
     assert list(out.glob("wandb/offline-run-*")) or list(out.glob("wandb/run-*"))

@@ -113,29 +113,31 @@ def write_table(results: list[ConditionResult], layer: int, out: Path, task: str
         cd_mean, cd_sd = _mean_sd(r.cd_per_concept(layer))
         acc = [r.accuracy[n] for n in names]
         acc_mean, acc_sd = _mean_sd(acc)
-        rows.append((r, cd_mean, cd_sd, 100 * acc_mean, 100 * acc_sd))
+        rows.append((r, cd_mean, cd_sd, 100 * acc_mean, 100 * acc_sd, r.cd_row[f"cd/layer_{layer:02d}"]))
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["condition", "description", "layer", "cd_mean", "cd_sd", "acc_mean", "acc_sd", "shots"]
+        w.writerow(["condition", "description", "layer", "cd_mean", "cd_sd", "acc_mean", "acc_sd", "shots", "cd_pooled"]
                    + [f"cd_{n}" for n in names] + [f"acc_{n}" for n in names])  # fmt: skip
-        for r, cm, cs, am, asd in rows:
+        for r, cm, cs, am, asd, pooled in rows:
             w.writerow([r.condition, r.description, layer, f"{cm:.4f}", f"{cs:.4f}", f"{am:.2f}", f"{asd:.2f}",
-                        r.shots, *(f"{v:.4f}" for v in r.cd_per_concept(layer)),
+                        r.shots, f"{pooled:.4f}", *(f"{v:.4f}" for v in r.cd_per_concept(layer)),
                         *(f"{r.accuracy[n]:.4f}" for n in names)])  # fmt: skip
     lines = [
         f"### {task}: CD at layer {layer} and {results[0].shots}-shot accuracy (mean ± sd over {len(names)} concepts)",
         "",
-        "| condition | finetuned | CD | accuracy % |",
-        "|---|---|---|---|",
+        "| condition | finetuned | CD | accuracy % | CD pooled (+Null) |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r.condition} | {r.description} | {cm:.2f} ± {cs:.2f} | {am:.1f} ± {asd:.1f} |"
-        for r, cm, cs, am, asd in rows
+        f"| {r.condition} | {r.description} | {cm:.2f} ± {cs:.2f} | {am:.1f} ± {asd:.1f} | {pooled:.2f} |"
+        for r, cm, cs, am, asd, pooled in rows
     ]
     lines += [
         "",
         f"- CD: leave-one-out 10-NN accuracy over {len(names)} concepts + Null, read at layer {layer} (0-based, of "
-        f"{results[0].n_layers}) at the token before the answer; per concept, then mean ± sd.",
+        f"{results[0].n_layers}) at the token before the answer; per concept (the pooled classifier's accuracy on "
+        "that concept's prompts), then mean ± sd. CD pooled: the same classifier's accuracy over every prompt, "
+        "Null included (chance = 1 / (concepts + 1)).",
     ]
     for r in results:
         if r.condition == "late" and r.trained_layers:
