@@ -119,7 +119,6 @@ class WandbLogger(_LightningWandbLogger):
             **kwargs,
         )
 
-
     @rank_zero_only
     def finalize(self, status: str) -> None:
         """Finish the W&B run, so the next run in this process (a sweep, a test) gets its own.
