@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lcd.lit.pretrain import LitPretrain
@@ -14,6 +15,21 @@ def tiny(n_dims: int = 4, n_pairs: int = 6) -> ICLTransformer:
 def test_paper_preset_has_about_9_5m_parameters():
     n = sum(p.numel() for p in ICLTransformer(n_dims=16, n_pairs=20, n_layers=12, d_model=256, n_heads=8).parameters())
     assert 9.3e6 < n < 9.7e6, n
+
+
+def test_init_scales_are_configurable():
+    torch.manual_seed(0)
+    default = ICLTransformer(n_dims=4, n_pairs=16, n_layers=2, d_model=64, n_heads=2)
+    torch.manual_seed(0)
+    wide = ICLTransformer(n_dims=4, n_pairs=16, n_layers=2, d_model=64, n_heads=2, init_std=0.1, pos_init_std=0.5)
+    q_default = default.backbone.h[0].attn.c_attn.weight.std().item()
+    q_wide = wide.backbone.h[0].attn.c_attn.weight.std().item()
+    assert abs(q_default - 0.02) < 0.002 and abs(q_wide - 0.1) < 0.01, (q_default, q_wide)
+    assert abs(default.backbone.wpe.weight.std().item() - 0.02) < 0.004
+    assert abs(wide.backbone.wpe.weight.std().item() - 0.5) < 0.05
+    for bad in ({"init_std": 0.0}, {"pos_init_std": -1.0}):
+        with pytest.raises(ValueError, match="must be > 0"):
+            ICLTransformer(n_dims=4, n_pairs=4, n_layers=1, d_model=8, n_heads=2, **bad)
 
 
 def test_model_is_causal():
