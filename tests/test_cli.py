@@ -92,8 +92,8 @@ def test_impossible_task_fails_before_training(run_dir):
 
 
 def test_model_task_mismatch_fails_before_training(run_dir):
-    with pytest.raises(ValueError, match="n_dims=8 but the model was built with n_dims=5"):
-        fit(run_dir, "--model.init_args.net.init_args.n_dims=5")
+    with pytest.raises(ValueError, match=r"task has n_dims=\d+ but the model was built with n_dims=7"):
+        fit(run_dir, "--model.init_args.net.init_args.n_dims=7")  # no preset uses 7 input dims
     assert not (run_dir / "checkpoints").exists()
 
 
