@@ -39,7 +39,8 @@ class ConceptCurriculum(Curriculum):
     its concepts uniformly from those already introduced. From batch ``(K - 1) * batches_per_concept``
     on, the stream is the full task. With one concept the model only has to learn in-context regression
     on a fixed basis, which leaves the initial loss plateau far sooner than the full mixture does; each
-    new concept then only has to be told apart from the known ones (see configs/synthetic/cpu.yaml).
+    new concept then only has to be told apart from the known ones (README, "Results: synthetic CPU
+    preset", has runs with and without it).
 
     The order is fixed (concept 0 first), so which concept is learned first is set by the curriculum,
     not by the seed: use no curriculum (the paper's setting) to study the order of emergence.

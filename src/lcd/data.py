@@ -116,13 +116,10 @@ class SyntheticICLDataModule(L.LightningDataModule):
         """Names of the latent concepts."""
         return self.task.concept_names
 
-    def _first_batch_index(self) -> int:
-        return consumed_batches(self.trainer)
-
     def train_dataloader(self) -> DataLoader:
         """The infinite training stream; set ``trainer.max_steps`` to end training."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        start = self._first_batch_index() + rank
+        start = consumed_batches(self.trainer) + rank
         stream = _TaskStream(self.task, self.batch_size, self.seed, start, world, self.curriculum)
         return DataLoader(stream, batch_size=None)
 

@@ -48,9 +48,6 @@ class FinetuneDataModule(ICLTextDataModule):
     Arguments are those of :class:`~lcd.text_data.ICLTextDataModule`.
     """
 
-    def _first_batch_index(self) -> int:
-        return consumed_batches(self.trainer)
-
     def train_dataloader(self) -> DataLoader:
         """Prompt+answer batches cycling over the training prompts, starting where a resumed run stopped."""
         if self.tokenizer is None:
@@ -58,6 +55,6 @@ class FinetuneDataModule(ICLTextDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         collate = partial(encode_prompts, self.tokenizer, with_answers=True, max_length=self.max_length)
         stream = _PromptBatchStream(
-            self.train_prompts(), self.batch_size, collate, self._first_batch_index() + rank, world
+            self.train_prompts(), self.batch_size, collate, consumed_batches(self.trainer) + rank, world
         )
         return DataLoader(stream, batch_size=None)
