@@ -7,9 +7,9 @@ from lcd.references import lasso_predictions, least_squares_predictions
 from lcd.tasks import SparseRegressionTask
 
 
-def tiny(n_dims: int = 4, n_pairs: int = 6) -> ICLTransformer:
+def tiny(n_dims: int = 4, n_pairs: int = 6, y_slot: str = "first") -> ICLTransformer:
     torch.manual_seed(0)
-    return ICLTransformer(n_dims=n_dims, n_pairs=n_pairs, n_layers=2, d_model=16, n_heads=2).eval()
+    return ICLTransformer(n_dims=n_dims, n_pairs=n_pairs, n_layers=2, d_model=16, n_heads=2, y_slot=y_slot).eval()
 
 
 def test_paper_preset_has_about_9_5m_parameters():
@@ -32,8 +32,29 @@ def test_init_scales_are_configurable():
             ICLTransformer(n_dims=4, n_pairs=4, n_layers=1, d_model=8, n_heads=2, **bad)
 
 
-def test_model_is_causal():
-    model = tiny()
+@pytest.mark.parametrize("y_slot", ["first", "own"])
+def test_y_slot_places_y_in_its_own_coordinate(y_slot):
+    torch.manual_seed(0)
+    net = ICLTransformer(n_dims=3, n_pairs=2, n_layers=1, d_model=8, n_heads=2, y_slot=y_slot)
+    xs, ys = torch.randn(4, 2, 3), torch.randn(4, 2)
+    tokens = net.embed_tokens(xs, ys)
+    y_col = 0 if y_slot == "first" else 3
+    assert tokens.shape == (4, 4, 3 + (y_slot == "own")) and net.read_in.in_features == tokens.shape[-1]
+    torch.testing.assert_close(tokens[:, 0::2, :3], xs)  # x tokens hold x in the first D coordinates
+    torch.testing.assert_close(tokens[:, 1::2, y_col], ys)
+    others = torch.ones(tokens.shape[-1], dtype=torch.bool)
+    others[y_col] = False
+    assert not tokens[:, 1::2, others].any()  # y tokens are zero elsewhere
+    if y_slot == "own":
+        assert not tokens[:, 0::2, 3].any()  # and x tokens are zero in the y coordinate
+    assert net(xs, ys).shape == (4, 2)
+    with pytest.raises(ValueError, match="y_slot"):
+        ICLTransformer(n_dims=3, n_pairs=2, n_layers=1, d_model=8, n_heads=2, y_slot="last")
+
+
+@pytest.mark.parametrize("y_slot", ["first", "own"])
+def test_model_is_causal(y_slot):
+    model = tiny(y_slot=y_slot)
     xs, ys = torch.randn(3, 6, 4), torch.randn(3, 6)
     base = model(xs, ys)
     i = 2  # predictions 0..i must not see x_{i+1..} nor y_{i..}

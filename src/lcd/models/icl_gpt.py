@@ -3,11 +3,15 @@
 Tokens follow Garg et al. (2022): x_i and y_i are separate interleaved tokens, ``y_i`` zero-padded to
 D dims, so a prompt of n pairs is the sequence ``x_0, y_0, x_1, y_1, ...`` of length 2n. The
 prediction of ``y_i`` is read out at the ``x_i`` token, which sees every earlier pair but not ``y_i``.
+With ``y_slot="own"`` tokens get one extra coordinate that holds y (x tokens carry 0 there), so y no
+longer shares a read-in column with input coordinate 0.
 The backbone is transformers' ``GPT2Model``, so :mod:`lcd.activations` reaches its residual stream
 exactly as it does for any pretrained HF decoder.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -33,6 +37,10 @@ class ICLTransformer(nn.Module):
         pos_init_std: Standard deviation of the initial position embeddings (default: ``init_std``).
             The CPU preset uses 0.5, which left the plateau sooner than 0.02; 2.0 was too large
             (the model stayed on the plateau).
+        y_slot: Where a y token puts its value. ``"first"`` (Garg et al., the paper's setup): coordinate
+            0 of a D-dim token, the coordinate x tokens use for x_0. ``"own"``: an extra (D+1)-th
+            coordinate that is 0 in x tokens. With ``"first"`` the concept whose basis contains x_0
+            shares its read-in column with y and, on the small CPU preset, is the one solved first.
 
     """
 
@@ -46,6 +54,7 @@ class ICLTransformer(nn.Module):
         dropout: float = 0.0,
         init_std: float = 0.02,
         pos_init_std: float | None = None,
+        y_slot: Literal["first", "own"] = "first",
     ) -> None:
         super().__init__()
         if d_model % n_heads:
@@ -54,7 +63,9 @@ class ICLTransformer(nn.Module):
             raise ValueError("n_dims, n_pairs, n_layers, d_model and n_heads must all be >= 1.")
         if init_std <= 0 or (pos_init_std is not None and pos_init_std <= 0):
             raise ValueError(f"init_std ({init_std}) and pos_init_std ({pos_init_std}) must be > 0.")
-        self.n_dims, self.n_pairs = n_dims, n_pairs
+        if y_slot not in ("first", "own"):
+            raise ValueError(f"y_slot must be 'first' or 'own', got {y_slot!r}.")
+        self.n_dims, self.n_pairs, self.y_slot = n_dims, n_pairs, y_slot
         config = GPT2Config(
             vocab_size=1,  # inputs come through read_in; a real vocabulary would only waste parameters
             n_positions=2 * n_pairs,
@@ -70,7 +81,7 @@ class ICLTransformer(nn.Module):
             eos_token_id=None,
         )
         config._attn_implementation = "sdpa"  # PyTorch's fused scaled_dot_product_attention
-        self.read_in = nn.Linear(n_dims, d_model)
+        self.read_in = nn.Linear(n_dims + (y_slot == "own"), d_model)
         self.backbone = GPT2Model(config)
         if pos_init_std is not None:
             nn.init.normal_(self.backbone.wpe.weight, std=pos_init_std)
@@ -88,10 +99,12 @@ class ICLTransformer(nn.Module):
         return torch.arange(n_pairs) * 2
 
     def embed_tokens(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        """Interleave x and zero-padded y tokens: (B, n, D), (B, n) -> (B, 2n, D)."""
+        """Interleave x and zero-padded y tokens: (B, n, D), (B, n) -> (B, 2n, D), or D+1 with ``y_slot="own"``."""
+        if self.y_slot == "own":
+            xs = nn.functional.pad(xs, (0, 1))  # x tokens carry 0 in the y coordinate
         b, n, d = xs.shape
         ys_wide = torch.zeros_like(xs)
-        ys_wide[..., 0] = ys  # y_i in the first coordinate, zeros elsewhere
+        ys_wide[..., 0 if self.y_slot == "first" else -1] = ys  # y_i in its coordinate, zeros elsewhere
         return torch.stack([xs, ys_wide], dim=2).reshape(b, 2 * n, d)
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
