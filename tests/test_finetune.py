@@ -231,9 +231,10 @@ def test_compare_writes_the_table(tiny_gemma, tmp_path):
 
     out = tmp_path / "compare"
     sets = [f"model.init_args.lm.name={tiny_gemma}", "trainer.callbacks.probe_per_concept=4", "trainer.max_steps=2"]
-    compare_main(["--task", "configs/llm/tasks/bitwise.yaml", "--model", "configs/llm/models/gemma3_270m.yaml",
-                  "--config", "configs/finetune/debug.yaml", *[a for s in sets for a in ("--set", s)],
-                  "--out", str(out)])  # fmt: skip
+    common = ["--task", "configs/llm/tasks/bitwise.yaml", "--model", "configs/llm/models/gemma3_270m.yaml",
+              "--config", "configs/finetune/debug.yaml", "--out", str(out)]  # fmt: skip
+    common += [a for s in sets for a in ("--set", s)]
+    compare_main(common)
     rows = list(csv.DictReader((out / "table.csv").open()))
     assert [r["condition"] for r in rows] == ["pretrained", "early", "late", "name_concept"]
     assert all(0 <= float(r["cd_mean"]) <= 1 and 0 <= float(r["acc_mean"]) <= 100 for r in rows)
@@ -245,3 +246,15 @@ def test_compare_writes_the_table(tiny_gemma, tmp_path):
         assert rows[2]["cd_mean"] == rows[0]["cd_mean"] and "cannot change CD" in md
         assert rows[2]["cd_pooled"] == rows[0]["cd_pooled"]
     assert list(out.glob("wandb/offline-run-*")) or list(out.glob("wandb/run-*"))
+
+    # A second call with the same arguments reuses every condition's result.json (no run starts: no new
+    # CSV version), with its own measured layer; other arguments fail before anything runs.
+    versions = sorted(out.glob("*/csv/version_*"))
+    compare_main([*common, "--conditions", "late", "early", "--layer", "1", "--no-wandb"])
+    assert sorted(out.glob("*/csv/version_*")) == versions
+    again = list(csv.DictReader((out / "table.csv").open()))
+    assert [r["condition"] for r in again] == ["early", "late"] and {r["layer"] for r in again} == {"1"}
+    assert again[0]["acc_mean"] == rows[1]["acc_mean"]
+    with pytest.raises(ValueError, match="other arguments.*delete"):
+        compare_main([*common, "--set", "trainer.max_steps=3", "--conditions", "early", "--layer", "1"])
+    assert sorted(out.glob("*/csv/version_*")) == versions

@@ -21,14 +21,22 @@ pooled leave-one-out k-NN accuracy restricted to that concept's probe prompts.
 Outputs: ``<out>/table.csv``, ``<out>/table.md`` (with the notes) and a W&B run (offline without
 credentials) with the table. Extra ``--config`` fragments and ``--set key=value`` overrides apply to
 every condition (e.g. ``--set trainer.max_steps=200`` for a reduced run).
+
+Each finished condition leaves ``<out>/<condition>/result.json`` (its measurements and the exact CLI
+arguments that made them). A later call with the same arguments reuses it instead of running the
+condition again, so an interrupted comparison loses only the condition it was in, and conditions can run
+in parallel processes (``--conditions early`` in one, ``--conditions late`` in another, same ``--out``)
+with a last call over all of them writing the table. A ``result.json`` made with other arguments is an
+error before anything runs: pass a new ``--out`` or delete that condition's directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lcd.callbacks.decodability import ConceptDecodability
@@ -39,6 +47,7 @@ __all__ = ["ConditionResult", "compare", "main"]
 CONDITIONS = ("pretrained", "early", "late", "name_concept")
 _ROOT = Path(__file__).resolve().parents[2]  # the repository root (configs/ lives there)
 _FRAGMENTS = {"early": "configs/finetune/early.yaml", "late": "configs/finetune/late.yaml"}
+_RESULT = "result.json"  # a finished condition's measurements, beside its run
 
 
 def _fragment(path: str) -> str:
@@ -68,8 +77,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run_condition(condition: str, configs: list[str], overrides: list[str], out: Path) -> ConditionResult:
-    """Build the condition's CLI (not run), fit if it trains, then measure accuracy and CD."""
+def _condition_args(condition: str, configs: list[str], overrides: list[str], out: Path) -> list[str]:
+    """The ``lcd`` CLI arguments (without subcommand) of one condition."""
     fragments = ["configs/finetune/base.yaml", *configs]
     extra: list[str] = []
     if condition in _FRAGMENTS:
@@ -79,7 +88,39 @@ def run_condition(condition: str, configs: list[str], overrides: list[str], out:
     if condition == "name_concept":
         fragments.append("configs/finetune/name_concept.yaml")
     args = [a for f in fragments for a in ("--config", _fragment(f))] + overrides + extra
-    cli = make_cli([*args, f"--trainer.default_root_dir={out / condition}"], run=False)
+    return [*args, f"--trainer.default_root_dir={out / condition}"]
+
+
+def _cached_result(run_dir: Path, args: list[str]) -> ConditionResult | None:
+    """The result a previous call left in ``run_dir`` with the same ``args``; None if there is none.
+
+    Raises:
+        ValueError: ``run_dir`` holds a result made with other arguments.
+
+    """
+    path = run_dir / _RESULT
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["args"] != args:
+        raise ValueError(
+            f"{path} was made with other arguments ({' '.join(saved['args'])}); this call would use "
+            f"{' '.join(args)}. Pass a new --out, or delete {run_dir} to run this condition again."
+        )
+    return ConditionResult(**saved["result"])
+
+
+def run_condition(condition: str, configs: list[str], overrides: list[str], out: Path) -> ConditionResult:
+    """Build the condition's CLI (not run), fit if it trains, then measure accuracy and CD.
+
+    The result is saved to ``<out>/<condition>/result.json`` and reused by a later call with the same
+    arguments (see the module docstring).
+    """
+    args = _condition_args(condition, configs, overrides, out)
+    cached = _cached_result(out / condition, args)
+    if cached is not None:
+        return cached
+    cli = make_cli(args, run=False)
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     callbacks = [cb for cb in trainer.callbacks if isinstance(cb, ConceptDecodability)]
     if len(callbacks) != 1:
@@ -93,16 +134,19 @@ def run_condition(condition: str, configs: list[str], overrides: list[str], out:
         trainer.validate(module, datamodule=dm)  # sets up the callback too (layers resolved)
         cd_row = cd.evaluate(trainer, module)
     shots = dm.eval_shots[0]
-    return ConditionResult(
+    result = ConditionResult(
         condition=condition,
         description=module.description,
         trained_layers=getattr(module.method, "resolved_layers", None),
         shots=shots,
         accuracy=module.last_accuracy[shots],
-        cd_row=cd_row,
+        cd_row={key: float(value) for key, value in cd_row.items()},
         n_layers=module.n_layers,
         concept_names=dm.task.concept_names,
     )
+    (out / condition).mkdir(parents=True, exist_ok=True)
+    (out / condition / _RESULT).write_text(json.dumps({"args": args, "result": asdict(result)}, indent=1))
+    return result
 
 
 def write_table(results: list[ConditionResult], layer: int, out: Path, task: str) -> str:
@@ -196,6 +240,8 @@ def compare(
     configs_all = [*([model] if model else []), task, *configs]
     sets = [f"--{s}" if not s.startswith("--") else s for s in overrides]
     order = sorted(conditions, key=CONDITIONS.index)  # pretrained first: it picks the measured layer
+    for c in order:  # a stale result.json fails here, before any condition runs
+        _cached_result(root / c, _condition_args(c, configs_all, sets, root))
     results = [run_condition(c, configs_all, sets, root) for c in order]
     if layer is None:
         layer = int(results[0].cd_row["cd/best_layer"])
