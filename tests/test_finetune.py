@@ -128,8 +128,8 @@ def test_loss_counts_answer_tokens_only(tiny_llama):
     module = lit(tiny_llama).eval()
     batch = answer_batch(module)
     is_answer = batch["labels"] != IGNORE_INDEX
-    for row, answer in zip(batch["labels"], batch["answers"], strict=True):  # exactly the answer's tokens
-        assert module.tokenizer.decode(row[row != IGNORE_INDEX]).strip() == answer
+    for row, answer in zip(batch["labels"], batch["answers"], strict=True):  # the answer's tokens, then "\n"
+        assert module.tokenizer.decode(row[row != IGNORE_INDEX]).lstrip(" ") == answer + "\n"
     answer_len = is_answer.sum(1)
     nll, count = module.answer_nll(batch)
     assert torch.equal(count, answer_len)

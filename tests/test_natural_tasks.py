@@ -157,6 +157,11 @@ def test_template_is_exact():
     assert named == "Task: bitwise AND of the two numbers\n\nInput: x\nOutput:"
 
 
+def test_template_separator_must_end_the_answer_line():
+    with pytest.raises(ValueError, match="separator must start with"):
+        PromptTemplate(separator=" | ")  # answers would never end in a line break: generation could not stop
+
+
 def _parse(text: str) -> tuple[list[tuple[str, str]], str]:
     blocks = text.split("\n\n")
     demos = [tuple(line.split(": ", 1)[1] for line in b.split("\n")) for b in blocks[:-1]]
@@ -172,7 +177,7 @@ def test_demos_and_query_share_the_concept(task):
     for p in prompts:
         demos, query = _parse(p.text)
         assert len(demos) == 4 and query == p.query and query in test_inputs
-        assert p.target == " " + p.answer and p.text.endswith("Output:")
+        assert p.target == " " + p.answer + "\n" and p.text.endswith("Output:")
         assert not {x for x, _ in demos} & test_inputs and len({x for x, _ in demos} | {query}) == 5
         if p.concept < task.n_concepts:
             assert all(task.answer(items[x], p.concept) == y for x, y in demos)
@@ -217,7 +222,7 @@ def test_encode_prompts_left_pads_and_masks_labels_to_the_answer():
     assert (mask[:, -1] == 1).all() and (ids[mask == 0] == tok.pad_token_id).all()
     for i, p in enumerate(prompts):
         kept = labels[i][labels[i] != -100]
-        assert tok.decode(kept) == p.answer  # the loss sees exactly the answer tokens...
+        assert tok.decode(kept) == p.answer + "\n"  # the loss sees the answer and the line break ending it...
         q = batch["query_position"][i]
         # ...and the byte tokenizer's bare leading space token moved to the prompt, sequence unchanged
         assert tok.decode(ids[i, : q + 1][mask[i, : q + 1] == 1], skip_special_tokens=True) == p.text + " "
@@ -251,4 +256,4 @@ def test_answer_tokens_stay_put_when_the_answer_starts_with_content():
     batch = encode_prompts(tok, prompts, with_answers=True)
     q = int(batch["query_position"][0])
     assert tok.decode(batch["input_ids"][0, q]) == ":"  # the prompt still ends at "Output:"
-    assert tok.decode(batch["labels"][0, q + 1 :]) == prompts[0].answer
+    assert tok.decode(batch["labels"][0, q + 1 :]) == prompts[0].answer + "\n"

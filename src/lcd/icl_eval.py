@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lcd.activations import capture_residual, last_token_positions
+from lcd.tasks.prompts import ANSWER_END
 
 __all__ = [
     "answer_budget",
@@ -102,9 +103,9 @@ def greedy_generate(
 
 
 def decode_answers(tokenizer, generated: torch.Tensor) -> list[str]:
-    """The model's answers: generated text up to the first newline, stripped of surrounding space."""
+    """The model's answers: generated text up to the first :data:`~lcd.tasks.prompts.ANSWER_END`, stripped."""
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    return [t.split("\n", 1)[0].strip() for t in texts]
+    return [t.split(ANSWER_END, 1)[0].strip() for t in texts]
 
 
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:

@@ -8,14 +8,16 @@ Every batch is a dict:
 ``query_position``  (B,) index of the last prompt token (the token right before the answer),
                     where Concept Decodability is read; ``T - 1`` for prompt-only batches
 ``concept``         (B,) concept id; ``task.null_id`` (= number of concepts) for Null
-``labels``          (B, T) only if ``with_answers``: -100 everywhere except the answer tokens,
-                    for a next-token loss on the answer only (transformers shifts it itself)
+``labels``          (B, T) only if ``with_answers``: -100 everywhere except the answer tokens
+                    (its closing line break included), for a next-token loss on the answer only
+                    (transformers shifts it itself)
 ``answers``         list of B gold answer strings (``"00100"``)
 ``n_shots``         int, demonstrations per prompt
 ==================  ===========================================================================
 
-The answer is tokenized separately (``answer_prefix + answer``, no special tokens) and appended to the
-prompt's ids, so the prompt/answer boundary is exact and the same at training and evaluation time.
+The answer is tokenized separately (its ``target``: ``answer_prefix + answer`` and the line break that
+ends it, no special tokens) and appended to the prompt's ids, so the prompt/answer boundary is exact
+and the same at training and evaluation time.
 Leading answer tokens that decode to whitespace only are moved to the end of the prompt: Gemma, for
 instance, tokenizes ``" 00100"`` as ``" ", "0", "0", ...``, and the bare space is formatting, not answer.
 The last prompt token (where CD is read and patching writes) is then the one whose output is the first

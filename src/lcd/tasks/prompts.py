@@ -16,8 +16,11 @@ Template (the paper does not publish its own; this one is used for every task an
 
 Demonstrations are ``Input: <x>\nOutput: <y>`` blocks separated by a blank line; the prompt ends with
 ``Output:`` and the answer continues it after one space, so the token before the answer (where CD is
-measured) is the last prompt token. Optionally an instruction line naming the concept comes first
-(``Task: <description>``), for the "prompt names the concept" condition of PAPER.md §5.
+measured) is the last prompt token. An answer ends at the line break (:data:`ANSWER_END`) that starts
+the separator: generation reads the answer up to it, and finetuning targets include it, so a finetuned
+model learns where to stop as well as what to answer. Optionally an instruction line naming the
+concept comes first (``Task: <description>``), for the "prompt names the concept" condition of
+PAPER.md §5.
 
 Splits: queries come from the requested split; demonstrations always come from the train split, so a
 test query never appears in any prompt built from the train split.
@@ -33,7 +36,9 @@ from typing import Any, Literal
 
 Split = Literal["train", "test"]
 
-__all__ = ["ICLPrompt", "PromptTemplate", "Split", "TextICLTask", "make_prompts"]
+__all__ = ["ANSWER_END", "ICLPrompt", "PromptTemplate", "Split", "TextICLTask", "make_prompts"]
+
+ANSWER_END = "\n"  # ends every answer: in the demonstrations (the separator starts with it) and in targets
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,8 @@ class ICLPrompt:
     Attributes:
         text: The prompt, ending right before the answer (at ``Output:``).
         answer: The gold answer (for Null: the random answer drawn for the query).
-        target: The continuation the model should produce: ``answer_prefix + answer`` (e.g. ``" 00100"``).
+        target: The continuation the model should produce, ``answer_prefix + answer + ANSWER_END``
+            (e.g. ``" 00100"`` and a line break): the line break that ends the answer is part of it.
         concept: Concept id; ``n_concepts`` for Null.
         n_shots: Number of demonstrations.
         query: The query input as shown in the prompt.
@@ -66,8 +72,11 @@ class PromptTemplate:
         input_prefix: Written before every input.
         output_prefix: Written on the line after every input; the prompt ends with it.
         answer_prefix: Between ``output_prefix`` and the answer.
-        separator: Between consecutive examples.
+        separator: Between consecutive examples; starts with :data:`ANSWER_END`, which ends every answer.
         instruction: Format of the optional first line naming the concept.
+
+    Raises:
+        ValueError: ``separator`` does not start with :data:`ANSWER_END`.
 
     """
 
@@ -76,6 +85,13 @@ class PromptTemplate:
     answer_prefix: str = " "
     separator: str = "\n\n"
     instruction: str = "Task: {description}"
+
+    def __post_init__(self) -> None:
+        if not self.separator.startswith(ANSWER_END):
+            raise ValueError(
+                f"PromptTemplate.separator must start with {ANSWER_END!r} (it ends every demonstration's answer, "
+                f"and generated answers are read up to it), got {self.separator!r}: e.g. use '\\n\\n'."
+            )
 
     def example(self, x: str, y: str) -> str:
         """One demonstration block."""
@@ -221,6 +237,8 @@ def make_prompts(
                 description = "random" if c == task.null_id else task.concept_descriptions[c]
             text = template.build(shown, task.format_input(query), description)
             prompts.append(
-                ICLPrompt(text, answer, template.answer_prefix + answer, c, n_shots, task.format_input(query))
+                ICLPrompt(
+                    text, answer, template.answer_prefix + answer + ANSWER_END, c, n_shots, task.format_input(query)
+                )
             )
     return prompts
