@@ -3,7 +3,8 @@
 For each preset the model, data stream, batch, optimizer and lr schedule come from the preset's YAML
 through the real ``lcd`` CLI (parse and instantiate only). Both loops start from the same initial
 weights, draw the same batches from the same ``SyntheticICLDataModule.train_dataloader()`` and take
-the same number of steps; warm-up steps are excluded from the timing. The Lightning run has logging,
+the same number of steps; warm-up steps (which absorb ``torch.compile`` when the preset sets
+``compile``) are excluded from the timing. The Lightning run has logging,
 checkpointing, the progress bar, the model summary and validation off, so the ratio isolates the
 Trainer's own per-step cost. Rounds alternate plain/Lightning so a change in machine load hits both;
 the median over rounds is reported.
@@ -74,11 +75,14 @@ def plain_loop(setup: Setup, init: dict, warmup: int, steps: int, device: str, b
     batches = iter(setup.datamodule.train_dataloader())
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else nullcontext()
     batch_size = setup.datamodule.batch_size
+    # Compile the forward pass as LitPretrain does when the preset sets ``compile`` (the warm-up steps
+    # absorb the compilation in both loops).
+    forward = torch.compile(model.net.forward) if model.hparams.get("compile") else model.net
     start = 0.0
     for step in range(warmup + steps):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         with autocast:
-            loss = ((model.net(batch["xs"], batch["ys"]) - batch["ys"]) ** 2).mean()
+            loss = ((forward(batch["xs"], batch["ys"]) - batch["ys"]) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

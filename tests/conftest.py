@@ -33,6 +33,7 @@ TINY_SYNTHETIC = [
     "--data.init_args.val_per_concept=8",
     "--data.init_args.probe_per_concept=12",
     "--data.init_args.batch_size=8",
+    "--model.init_args.compile=false",  # compiling costs ~20 s per run; test_cli's preset test keeps it on
 ]
 
 

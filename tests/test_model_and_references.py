@@ -106,6 +106,23 @@ def test_loss_counts_y_predictions_only():
         handle.remove()
 
 
+def test_compiled_training_step_matches_the_plain_one():
+    batch = SparseRegressionTask(n_dims=4, n_concepts=2, rank=2, n_pairs=6).sample(8, torch.Generator().manual_seed(0))
+    modules = {flag: LitPretrain(tiny().train(), compile=flag) for flag in (False, True)}
+    losses, grads = {}, {}
+    for flag, module in modules.items():
+        losses[flag] = module.training_step(batch, 0)
+        losses[flag].backward()
+        grads[flag] = {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
+    assert modules[False]._compiled_forward is None and modules[True]._compiled_forward is not None
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6)
+    # Compiling wraps a bound method, so the checkpoint keys stay those of the plain module.
+    assert modules[True].state_dict().keys() == modules[False].state_dict().keys()
+
+
 def test_true_basis_least_squares_is_exact_after_r_pairs():
     task = SparseRegressionTask(n_dims=8, n_concepts=4, rank=2, n_pairs=12, noise_var=0.0)
     batch = task.sample(64, torch.Generator().manual_seed(0))

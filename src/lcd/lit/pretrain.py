@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import matplotlib.pyplot as plt
@@ -32,6 +32,10 @@ class LitPretrain(L.LightningModule):
         lasso_alpha: L1 penalty of the LASSO reference.
         plot_every_n_steps: Save the error-vs-position plot at the first validation after every
             this many steps (and at the end of fit); 0 disables it.
+        compile: Run the training forward pass through ``torch.compile`` (on this 2-core CPU about
+            1.3x the training steps/s of the CPU preset, after ~30 s of compilation at the first step;
+            on CPU it needs a C++ compiler). Only training is compiled: validation, probing and
+            activation capture run the plain module, and checkpoints are the same either way.
 
     """
 
@@ -41,6 +45,7 @@ class LitPretrain(L.LightningModule):
         tail_positions: int = 3,
         lasso_alpha: float = 0.01,
         plot_every_n_steps: int = 1000,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -50,6 +55,7 @@ class LitPretrain(L.LightningModule):
         self._val_sums: torch.Tensor | None = None  # (K, n) summed squared error
         self._val_counts: torch.Tensor | None = None  # (K,)
         self._last_plot_step = -1
+        self._compiled_forward: Callable[..., torch.Tensor] | None = None  # built at the first training step
 
     def setup(self, stage: str) -> None:
         """Check that the task and the model fit together before any work starts."""
@@ -73,13 +79,19 @@ class LitPretrain(L.LightningModule):
         """Predictions (B, n) of every y_i."""
         return self.net(xs, ys)
 
-    def squared_errors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def squared_errors(
+        self, batch: dict[str, torch.Tensor], forward: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Squared error of every y prediction: (B, n). The loss counts y predictions only."""
-        return (self(batch["xs"], batch["ys"]) - batch["ys"]) ** 2
+        return ((forward or self)(batch["xs"], batch["ys"]) - batch["ys"]) ** 2
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """MSE over all y predictions of the batch."""
-        loss = self.squared_errors(batch).mean()
+        if self.hparams.compile and self._compiled_forward is None:
+            # A compiled bound method, not a compiled module: nothing new is registered as a submodule,
+            # so parameter names and checkpoints do not change.
+            self._compiled_forward = torch.compile(self.net.forward)
+        loss = self.squared_errors(batch, self._compiled_forward).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
