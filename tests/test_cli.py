@@ -45,6 +45,21 @@ def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
         assert (run_dir / "plots" / png).exists(), png
 
 
+def test_train_loss_curve_does_not_depend_on_the_logging_cadence(tmp_path):
+    # LitPretrain calls self.log only on the steps the loggers write: each written value must still be
+    # that step's own loss (the same seed logging every step gives the reference).
+    curves = {}
+    for every in (1, 2):
+        run_dir = tmp_path / f"every{every}"
+        steps = ["--trainer.max_steps=6", "--trainer.val_check_interval=100"]
+        fit(run_dir, *steps, f"--trainer.log_every_n_steps={every}")
+        curves[every] = {int(r["step"]): float(r["train/loss"]) for r in metrics_rows(run_dir) if r.get("train/loss")}
+    assert sorted(curves[1]) == [0, 1, 2, 3, 4, 5] and sorted(curves[2]) == [1, 3, 5]
+    assert len(set(curves[1].values())) == 6
+    for step, loss in curves[2].items():
+        assert loss == pytest.approx(curves[1][step], rel=1e-6), step
+
+
 def test_resume_continues_the_same_run_and_cd_history(tmp_path):
     fragment = tmp_path / "every2.yaml"
     fragment.write_text(

@@ -17,8 +17,9 @@ from lcd.references import reference_errors
 class LitPretrain(L.LightningModule):
     """MSE on the y predictions of an :class:`~lcd.models.icl_gpt.ICLTransformer`.
 
-    Logs ``train/loss``; at every validation ``val/mse``, ``val/mse/concept_<k>`` (each concept's
-    decoding curve), ``val/mse_tail/concept_<k>`` (the last ``tail_positions`` context positions) and,
+    Logs ``train/loss`` (on the steps the loggers write); at every validation ``val/mse``,
+    ``val/mse/concept_<k>`` (each concept's decoding curve), ``val/mse_tail/concept_<k>`` (the last
+    ``tail_positions`` context positions) and,
     for every reference algorithm, ``val/ref/<algorithm>/mse_tail/concept_<k>`` plus
     ``val/ratio_true_basis/concept_<k>`` = model tail MSE / r-dim least-squares tail MSE.
     The reference algorithms are run once, on the fixed validation set.
@@ -92,8 +93,20 @@ class LitPretrain(L.LightningModule):
             # so parameter names and checkpoints do not change.
             self._compiled_forward = torch.compile(self.net.forward)
         loss = self.squared_errors(batch, self._compiled_forward).mean()
-        self.log("train/loss", loss, prog_bar=True)
+        if self._loggers_write_this_step():
+            self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _loggers_write_this_step(self) -> bool:
+        """Whether Lightning's loggers write on this step (every ``trainer.log_every_n_steps``).
+
+        Logging ``train/loss`` only then leaves the logged curve unchanged (the loggers write only those
+        steps) and the progress bar shows the latest of them, while the other steps skip the cost of a
+        ``self.log`` call: about 0.4 ms, 2% of a compiled CPU-preset step (README, Performance).
+        """
+        trainer = self._trainer
+        every = trainer.log_every_n_steps if trainer is not None else 0
+        return bool(every) and (trainer.global_step + 1) % every == 0
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The paper's Adam (lr 1e-4, betas 0.9/0.9999); LightningCLI's ``optimizer:`` overrides it."""
