@@ -106,7 +106,8 @@ def worker(variant: str, steps: int, run_dir: str, threads: int) -> None:
     result = {
         "variant": variant,
         # The first training step carries torch.compile's one-off compilation when the preset compiles
-        # (about 30 s, once per run, also in a 40K-step run): left out of both variants alike.
+        # (~30 s with a cold compile cache, ~3 s with torch's on-disk cache warm; once per run, however
+        # long): left out of both variants alike.
         "fit_s": fit_s - first_step_s[0],
         "first_step_s": first_step_s[0],
         "steps": cli.trainer.global_step,
@@ -118,7 +119,7 @@ def worker(variant: str, steps: int, run_dir: str, threads: int) -> None:
     print(MARK + json.dumps(result), flush=True)
 
 
-def _time_first_training_step(model) -> list[float]:
+def _time_first_training_step(model: object) -> list[float]:
     """Wrap ``model.training_step`` so that the duration of its first call is recorded in the returned list."""
     elapsed = [0.0]
     step = model.training_step

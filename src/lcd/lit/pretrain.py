@@ -34,9 +34,10 @@ class LitPretrain(L.LightningModule):
         plot_every_n_steps: Save the error-vs-position plot at the first validation after every
             this many steps (and at the end of fit); 0 disables it.
         compile: Run the training forward pass through ``torch.compile`` (on this 2-core CPU about
-            1.3x the training steps/s of the CPU preset, after ~30 s of compilation at the first step;
-            on CPU it needs a C++ compiler). Only training is compiled: validation, probing and
-            activation capture run the plain module, and checkpoints are the same either way.
+            1.3x the training steps/s of the CPU preset, after compiling at the first step: ~30 s, a
+            few seconds once torch's on-disk compile cache is warm; on CPU it needs a C++ compiler).
+            Only training is compiled: validation, probing and activation capture run the plain
+            module, and checkpoints are the same either way.
 
     """
 
