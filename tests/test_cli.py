@@ -12,6 +12,7 @@ from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 
 from lcd.callbacks.decodability import read_history
 from lcd.cli import main
+from lcd.lit import LitPretrain
 
 CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
 CD = config("callbacks/concept_decodability.yaml")
@@ -43,6 +44,13 @@ def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     for png in ["cd_history.png", "cd_heatmap.png", "error_vs_position_final.png", "snapshot_layer00_step0000000.png"]:
         assert (run_dir / "plots" / png).exists(), png
+    # A checkpoint of the CLI loads back by itself: the network is rebuilt from the config in its hparams.
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    model = LitPretrain.load_from_checkpoint(ckpt, map_location="cpu")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert model.net.backbone.config.n_layer == 2 and model.state_dict().keys() == saved.keys()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], msg=name)
 
 
 def test_train_loss_curve_does_not_depend_on_the_logging_cadence(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -50,7 +51,12 @@ class LitPretrain(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        # Keep `net` in the hyperparameters: under LightningCLI they hold its config (class_path and
+        # init_args), which lets `LitPretrain.load_from_checkpoint(path)` rebuild the network. A net built
+        # in Python is stored as the module itself (Lightning warns about that; these models are small).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
+            self.save_hyperparameters()
         self.net = net
         self.tail_positions = tail_positions
         self._refs: dict[str, torch.Tensor] | None = None  # algorithm -> (K, n) mean squared error
