@@ -17,36 +17,9 @@ import argparse
 import csv
 from pathlib import Path
 
-import lightning as L
-import torch
-import yaml
-
 from lcd.patching import PatchMode, SyntheticPatching, synthetic_patching_matrix
-
-
-def load_run(config: str | Path, ckpt: str | Path | None) -> tuple[L.LightningModule, L.LightningDataModule]:
-    """Instantiate the run's model and datamodule from its saved config; load the checkpoint's weights.
-
-    Raises:
-        FileNotFoundError: if the config or checkpoint does not exist.
-
-    """
-    from jsonargparse import ArgumentParser
-
-    for path in (config, ckpt):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{path} does not exist.")
-    saved = yaml.safe_load(Path(config).read_text())
-    parser = ArgumentParser()
-    parser.add_argument("--model", type=L.LightningModule)
-    parser.add_argument("--data", type=L.LightningDataModule)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse < 4.49
-    objs = instantiate(parser.parse_object({"model": saved["model"], "data": saved["data"]}))
-    model, data = objs.model, objs.data
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict(state)
-    return model.eval(), data
+from lcd.plotting import save_png
+from lcd.runs import load_run
 
 
 def plot_matrix(result: SyntheticPatching, names: list[str]):
@@ -86,7 +59,7 @@ def main(argv: list[str] | None = None) -> SyntheticPatching:
         net, data.probe_dataloader(), data.val_dataloader(), data.task.n_concepts, args.layer, mode
     )
     out = Path(args.out or Path(args.config).parent)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     names = list(data.concept_names)
     with open(out / "patching_matrix.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -96,7 +69,7 @@ def main(argv: list[str] | None = None) -> SyntheticPatching:
                 w.writerow(
                     [result.layer, mode, names[s], names[t], f"{result.delta[s, t]:.5f}", f"{result.base[t]:.5f}"]
                 )
-    plot_matrix(result, names).savefig(out / "plots" / "patching_matrix.png", dpi=120, bbox_inches="tight")
+    save_png(plot_matrix(result, names), out / "plots" / "patching_matrix.png")
     print(f"layer {result.layer} ({mode}); CD per layer: {[round(v, 3) for v in result.cd.tolist()]}")
     print("base query MSE per target:", [round(v, 4) for v in result.base.tolist()])
     print("MSE change (rows: source mean, columns: target prompts):")

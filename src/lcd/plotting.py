@@ -24,14 +24,21 @@ def save_figure(trainer: L.Trainer, fig: Figure, name: str) -> Path | None:
         The PNG path on rank 0, else ``None``.
 
     """
-    path = None
-    if trainer.is_global_zero:
-        path = run_dir(trainer) / "plots" / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=f"plots/{name.split('_step')[0]}", images=[str(path)], step=trainer.global_step)
+    if not trainer.is_global_zero:
+        plt.close(fig)
+        return None
+    path = save_png(fig, run_dir(trainer) / "plots" / f"{name}.png")
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=f"plots/{name.split('_step')[0]}", images=[str(path)], step=trainer.global_step)
+    return path
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Save ``fig`` as a PNG at ``path`` (creating its directory) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -145,19 +145,15 @@ class ConceptDecodability(L.Callback):
         loss_count = trainer.strategy.reduce(loss_count, reduce_op="sum")
         pl_module.train(was_training)
 
-        cd, per_concept, classes = result["cd"], result["per_concept"], result["classes"]
-        best = int(cd.argmax())
-        row: dict[str, float] = {
-            "step": trainer.global_step,
-            "cd/best": cd[best].item(),
-            "cd/best_layer": self._layers[best],
-        }
-        for i, layer in enumerate(self._layers):
-            row[f"cd/layer_{layer:02d}"] = cd[i].item()
-            for j, c in enumerate(classes.tolist()):
-                row[f"cd/layer_{layer:02d}/concept_{c}"] = per_concept[i, j].item()
-        for c in range(n_concepts):
-            row[f"probe/loss/concept_{c}"] = (loss_sum[c] / loss_count[c].clamp(min=1)).item()
+        row = history_row(
+            trainer.global_step,
+            self._layers,
+            result["cd"],
+            result["per_concept"],
+            result["classes"],
+            loss_sum / loss_count.clamp(min=1),
+        )
+        best = self._layers.index(int(row["cd/best_layer"]))
         self.history.append(row)
         if trainer.is_global_zero:
             metrics = {key: value for key, value in row.items() if key != "step"}
@@ -181,16 +177,8 @@ class ConceptDecodability(L.Callback):
             save_figure(trainer, fig, f"snapshot_layer{layer:02d}_step{trainer.global_step:07d}")
 
     def _write_csv(self, trainer: L.Trainer) -> None:
-        # Rewritten whole each time (atomic rename), so it always matches the checkpointed history.
-        path = run_dir(trainer) / HISTORY_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        columns = list(dict.fromkeys(key for row in self.history for key in row))
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-        os.replace(tmp, path)
+        # Rewritten whole each time, so it always matches the checkpointed history.
+        write_history(run_dir(trainer) / HISTORY_FILE, self.history)
 
     # --- checkpointing ------------------------------------------------------------------------------
 
@@ -208,10 +196,56 @@ class ConceptDecodability(L.Callback):
         self.history = list(state_dict.get("history", []))
 
 
+def history_row(
+    step: int,
+    layers: Sequence[int],
+    cd: torch.Tensor,
+    per_concept: torch.Tensor,
+    classes: torch.Tensor,
+    loss_per_concept: torch.Tensor,
+) -> dict[str, float]:
+    """One evaluation as a row of ``cd_history.csv``.
+
+    Keys: ``step``, ``cd/best``, ``cd/best_layer``, ``cd/layer_XX``, ``cd/layer_XX/concept_<k>`` and
+    ``probe/loss/concept_<k>``.
+
+    Args:
+        step: Training step of the evaluated weights.
+        layers: The 0-based layers ``cd`` refers to, in order.
+        cd: (L,) CD per layer.
+        per_concept: (L, C) CD per layer and concept.
+        classes: (C,) concept ids of ``per_concept``'s columns.
+        loss_per_concept: (n_concepts,) mean probe loss of each concept.
+
+    """
+    best = int(cd.argmax())
+    row: dict[str, float] = {"step": step, "cd/best": cd[best].item(), "cd/best_layer": layers[best]}
+    for i, layer in enumerate(layers):
+        row[f"cd/layer_{layer:02d}"] = cd[i].item()
+        for j, c in enumerate(classes.tolist()):
+            row[f"cd/layer_{layer:02d}/concept_{c}"] = per_concept[i, j].item()
+    for c, loss in enumerate(loss_per_concept.tolist()):
+        row[f"probe/loss/concept_{c}"] = loss
+    return row
+
+
+def write_history(path: str | Path, rows: list[dict[str, float]]) -> None:
+    """Write history rows as CSV (columns in first-seen order), replacing ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def read_history(path: str | Path) -> list[dict[str, float]]:
     """Load a ``cd_history.csv`` written by :class:`ConceptDecodability` (empty cells are skipped)."""
     with Path(path).open() as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-__all__: Sequence[str] = ["ConceptDecodability", "HISTORY_FILE", "read_history"]
+__all__: Sequence[str] = ["ConceptDecodability", "HISTORY_FILE", "history_row", "read_history", "write_history"]

@@ -1,0 +1,152 @@
+r"""Concept Decodability of a run's saved checkpoints, after the fact, with other probe settings.
+
+The :class:`~lcd.callbacks.ConceptDecodability` callback measures CD live with one setting. To ask
+whether a result depends on that setting (another token position, cosine instead of Euclidean distance,
+a linear probe instead of k-NN), score the checkpoints a run already saved::
+
+    python -m lcd.cd_checkpoints --config runs/synthetic_cpu/config.yaml \\
+        --ckpt runs/synthetic_cpu/checkpoints/*.ckpt --position query last_y \\
+        --distance euclidean cosine --linear-probe
+
+Every checkpoint is scored on the run's own fixed probe set (the datamodule's ``probe_dataloader``,
+the prompts the callback used) for every combination of ``--position`` and ``--distance``. Each
+combination writes ``<out>/cd_history_<position>_<distance>.csv`` in the callback's ``cd_history.csv``
+format (one row per checkpoint, ordered by training step; with ``--linear-probe`` also
+``linear/layer_XX``, the held-out accuracy of a logistic regression, which does not depend on the
+distance) and ``<out>/plots/cd_history_<position>_<distance>.png``. ``<out>`` defaults to
+``<config's directory>/cd_checkpoints``. Positions are those the run's module ``probe`` accepts (the
+synthetic model: ``query``, ``last_y``). Checkpoints of the same step (``last.ckpt`` beside
+``step=N.ckpt``) are scored once. Runs on the CPU. Made for synthetic pretraining runs (a module with
+``probe`` and a datamodule whose ``probe_dataloader`` needs no trainer); finetuning runs measure CD
+through the callback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+from typing import get_args
+
+import lightning as L
+import torch
+
+from lcd.activations import n_decoder_layers, resolve_layers
+from lcd.callbacks.decodability import history_row, write_history
+from lcd.decodability import Distance, layerwise_decodability, linear_probe_accuracy
+from lcd.plotting import plot_cd_history, save_png
+from lcd.runs import load_run, load_weights
+
+
+@torch.no_grad()
+def probe_features(
+    model: L.LightningModule, batches: list, layers: list[int], position: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``model.probe`` over the probe batches and pool them.
+
+    Returns:
+        features (L, N, d), labels (N,) and per-example loss (N,).
+
+    """
+    outputs = [model.probe(batch, layers, position=position) for batch in batches]
+    features, labels, loss = zip(*outputs, strict=True)
+    return torch.cat(features, dim=1).float(), torch.cat(labels), torch.cat(loss).float()
+
+
+def score(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    loss: torch.Tensor,
+    n_concepts: int,
+    step: int,
+    layers: list[int],
+    k: int,
+    distance: Distance,
+) -> dict[str, float]:
+    """One ``cd_history.csv`` row for pooled probe features (see :func:`~lcd.callbacks.decodability.history_row`)."""
+    cd, per_concept, classes = layerwise_decodability(features, labels, k, distance)
+    loss_sum = torch.zeros(n_concepts).index_add_(0, labels, loss)
+    loss_count = torch.zeros(n_concepts).index_add_(0, labels, torch.ones_like(loss))
+    return history_row(step, layers, cd, per_concept, classes, loss_sum / loss_count.clamp(min=1))
+
+
+def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, float]]]:
+    """Command-line entry point (see the module docstring).
+
+    Returns:
+        The history rows of every (position, distance) combination, as written to the CSVs.
+
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's config.yaml (written by lcd fit)")
+    parser.add_argument(
+        "--ckpt", nargs="+", required=True, help="checkpoint files to score (globs expanded by the shell)"
+    )
+    parser.add_argument("--position", nargs="+", default=["query"], help="token positions to read (default: query)")
+    parser.add_argument(
+        "--distance",
+        nargs="+",
+        default=["euclidean"],
+        choices=get_args(Distance),
+        help="k-NN distances (default: euclidean)",
+    )
+    parser.add_argument("--layers", type=int, nargs="+", help="0-based layers, negative from the end (default: all)")
+    parser.add_argument("--k", type=int, default=10, help="neighbours of the leave-one-out k-NN (default: 10)")
+    parser.add_argument("--probe-per-concept", type=int, help="probe prompts per concept (default: the run's)")
+    parser.add_argument("--linear-probe", action="store_true", help="also a held-out logistic-regression probe")
+    parser.add_argument("--out", help="output directory (default: <config dir>/cd_checkpoints)")
+    args = parser.parse_args(argv)
+
+    # Everything that can be wrong is checked before the first checkpoint is scored.
+    missing = [c for c in args.ckpt if not Path(c).is_file()]
+    if missing:
+        parser.error(f"checkpoint(s) not found: {', '.join(missing)}")
+    model, data = load_run(args.config, None)
+    if not hasattr(model, "probe") or not hasattr(data, "probe_dataloader"):
+        parser.error(f"{type(model).__name__} / {type(data).__name__} have no probe() / probe_dataloader().")
+    layers = resolve_layers(args.layers, n_decoder_layers(model))
+    batches = list(data.probe_dataloader(args.probe_per_concept))
+    for position in args.position:
+        try:
+            model.probe(batches[0], layers[:1], position=position)
+        except ValueError as err:
+            parser.error(f"--position {position}: {err}")
+    n_concepts = len(data.concept_names)
+
+    out = Path(args.out or Path(args.config).parent / "cd_checkpoints")
+    histories: dict[tuple[str, str], list[dict[str, float]]] = {
+        key: [] for key in itertools.product(args.position, args.distance)
+    }
+    seen: set[int] = set()
+    for ckpt in args.ckpt:
+        step = load_weights(model, ckpt)
+        if step in seen:
+            print(f"{ckpt}: step {step} already scored, skipped")
+            continue
+        seen.add(step)
+        model.eval()
+        for position in args.position:
+            features, labels, loss = probe_features(model, batches, layers, position)
+            linear = {}
+            if args.linear_probe:
+                linear = {
+                    f"linear/layer_{layer:02d}": linear_probe_accuracy(features[i], labels)
+                    for i, layer in enumerate(layers)
+                }
+            for distance in args.distance:
+                row = score(features, labels, loss, n_concepts, step, layers, args.k, distance) | linear
+                histories[position, distance].append(row)
+                cds = " ".join(f"{row[f'cd/layer_{layer:02d}']:.2f}" for layer in layers)
+                print(f"step {step:>7} {position:>8} {distance:>9}: CD per layer {cds}")
+
+    for (position, distance), rows in histories.items():
+        rows.sort(key=lambda row: row["step"])
+        name = f"cd_history_{position}_{distance}"
+        write_history(out / f"{name}.csv", rows)
+        save_png(plot_cd_history(rows, layers), out / "plots" / f"{name}.png")
+    print(f"wrote {len(histories)} histories of {len(seen)} checkpoints to {out}")
+    return histories
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""``python -m lcd.cd_checkpoints``: CD of a fitted run's saved checkpoints with other probe settings."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import DEBUG, TINY_SYNTHETIC, config
+
+from lcd import cd_checkpoints
+from lcd.callbacks.decodability import HISTORY_FILE, read_history
+from lcd.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny synthetic run with the CD callback and a checkpoint every 2 steps (steps 2 and 4, plus last)."""
+    root = tmp_path_factory.mktemp("fitted")
+    every_2 = root / "checkpoint_every_2.yaml"
+    every_2.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {every_n_train_steps: 2, save_top_k: -1, filename: '{step}'}\n"
+    )
+    cli_main([
+        "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml"), "--config", str(every_2),
+        *config("callbacks/concept_decodability.yaml"), "--config", DEBUG, *TINY_SYNTHETIC,
+        f"--trainer.default_root_dir={root}", "--trainer.callbacks.every_n_steps=2",
+        "--trainer.callbacks.probe_per_concept=12", "--trainer.callbacks.snapshot_steps=[]",
+    ])  # fmt: skip
+    (cfg,) = root.rglob("config.yaml")
+    return root, cfg, sorted(root.rglob("*.ckpt"))
+
+
+def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
+    root, cfg, ckpts = fitted
+    assert len(ckpts) == 3  # step=2, step=4 and last (= step 4)
+    out = tmp_path / "post"
+    argv = ["--config", str(cfg), "--ckpt", *map(str, ckpts), "--out", str(out), "--probe-per-concept", "12"]
+    histories = cd_checkpoints.main(
+        [*argv, "--position", "query", "last_y", "--distance", "euclidean", "cosine", "--linear-probe"]
+    )
+    assert set(histories) == {(p, d) for p in ("query", "last_y") for d in ("euclidean", "cosine")}
+    for (position, distance), rows in histories.items():
+        assert [row["step"] for row in rows] == [2, 4]  # sorted, last.ckpt scored once
+        assert read_history(out / f"cd_history_{position}_{distance}.csv") == rows
+        assert (out / "plots" / f"cd_history_{position}_{distance}.png").is_file()
+        assert all(0 <= rows[-1][f"linear/layer_{i:02d}"] <= 1 for i in range(2))
+    # Same weights, same probe set, same setting: the callback's numbers at steps 2 and 4, key for key.
+    live = {row["step"]: row for row in read_history(root / HISTORY_FILE)}
+    for row in histories["query", "euclidean"]:
+        for key in live[row["step"]]:
+            assert row[key] == pytest.approx(live[row["step"]][key], abs=1e-6), key
+    # Another position reads other states, so its per-concept loss is equal but its CD rows are its own.
+    assert histories["last_y", "euclidean"][-1]["probe/loss/concept_0"] == pytest.approx(
+        histories["query", "euclidean"][-1]["probe/loss/concept_0"]
+    )
+
+
+def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
+    _, cfg, ckpts = fitted
+    base = ["--config", str(cfg), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        cd_checkpoints.main([*base, "--ckpt", str(tmp_path / "missing.ckpt")])
+    assert "missing.ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--position", "answer"])
+    assert "--position answer" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="layer"):
+        cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--layers", "2"])
+    assert not list(tmp_path.glob("*.csv"))
