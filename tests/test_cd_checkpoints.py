@@ -12,18 +12,13 @@ from lcd.cli import main as cli_main
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A tiny synthetic run with the CD callback and a checkpoint every 2 steps (steps 2 and 4, plus last)."""
+    """A tiny synthetic run with the CD callback (steps 0 and 4) keeping a checkpoint every 2 steps."""
     root = tmp_path_factory.mktemp("fitted")
-    every_2 = root / "checkpoint_every_2.yaml"
-    every_2.write_text(
-        "trainer:\n  callbacks+:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        "      init_args: {every_n_train_steps: 2, save_top_k: -1, filename: '{step}'}\n"
-    )
     cli_main([
-        "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml"), "--config", str(every_2),
-        *config("callbacks/concept_decodability.yaml"), "--config", DEBUG, *TINY_SYNTHETIC,
-        f"--trainer.default_root_dir={root}", "--trainer.callbacks.every_n_steps=2",
-        "--trainer.callbacks.probe_per_concept=12", "--trainer.callbacks.snapshot_steps=[]",
+        "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml", "callbacks/concept_decodability.yaml",
+                       "callbacks/keep_checkpoints.yaml"),
+        "--config", DEBUG, *TINY_SYNTHETIC, f"--trainer.default_root_dir={root}",
+        "--trainer.callbacks.every_n_train_steps=2",  # the last fragment's callback: keep_checkpoints
     ])  # fmt: skip
     (cfg,) = root.rglob("config.yaml")
     return root, cfg, sorted(root.rglob("*.ckpt"))
@@ -31,9 +26,9 @@ def fitted(tmp_path_factory):
 
 def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
     root, cfg, ckpts = fitted
-    assert len(ckpts) == 3  # step=2, step=4 and last (= step 4)
+    assert [p.name for p in ckpts] == ["last.ckpt", "step=2.ckpt", "step=4.ckpt"]
     out = tmp_path / "post"
-    argv = ["--config", str(cfg), "--ckpt", *map(str, ckpts), "--out", str(out), "--probe-per-concept", "12"]
+    argv = ["--config", str(cfg), "--ckpt", *map(str, ckpts), "--out", str(out), "--probe-per-concept", "100"]
     histories = cd_checkpoints.main(
         [*argv, "--position", "query", "last_y", "--distance", "euclidean", "cosine", "--linear-probe"]
     )
@@ -43,11 +38,11 @@ def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
         assert read_history(out / f"cd_history_{position}_{distance}.csv") == rows
         assert (out / "plots" / f"cd_history_{position}_{distance}.png").is_file()
         assert all(0 <= rows[-1][f"linear/layer_{i:02d}"] <= 1 for i in range(2))
-    # Same weights, same probe set, same setting: the callback's numbers at steps 2 and 4, key for key.
-    live = {row["step"]: row for row in read_history(root / HISTORY_FILE)}
-    for row in histories["query", "euclidean"]:
-        for key in live[row["step"]]:
-            assert row[key] == pytest.approx(live[row["step"]][key], abs=1e-6), key
+    # Same weights, same probe set (the callback's 100 per concept), same setting: the callback's numbers
+    # at the end of fit, key for key.
+    (live,) = [row for row in read_history(root / HISTORY_FILE) if row["step"] == 4]
+    for key in live:
+        assert histories["query", "euclidean"][-1][key] == pytest.approx(live[key], abs=1e-6), key
     # Another position reads other states, so its per-concept loss is equal but its CD rows are its own.
     assert histories["last_y", "euclidean"][-1]["probe/loss/concept_0"] == pytest.approx(
         histories["query", "euclidean"][-1]["probe/loss/concept_0"]
