@@ -2,18 +2,20 @@ r"""Concept Decodability of a run's saved checkpoints, after the fact, with othe
 
 The :class:`~lcd.callbacks.ConceptDecodability` callback measures CD live with one setting. To ask
 whether a result depends on that setting (another token position, cosine instead of Euclidean distance,
-a linear probe instead of k-NN), score the checkpoints a run already saved::
+a linear probe instead of k-NN), score the checkpoints a run kept (``--config
+callbacks/keep_checkpoints.yaml`` keeps one every 2,000 steps)::
 
-    python -m lcd.cd_checkpoints --config runs/synthetic_cpu/config.yaml \\
-        --ckpt runs/synthetic_cpu/checkpoints/*.ckpt --position query last_y \\
+    python -m lcd.cd_checkpoints --config runs/synthetic_cpu/config.yaml \
+        --ckpt runs/synthetic_cpu/checkpoints/step=*.ckpt --position query last_y \
         --distance euclidean cosine --linear-probe
 
-Every checkpoint is scored on the run's own fixed probe set (the datamodule's ``probe_dataloader``,
-the prompts the callback used) for every combination of ``--position`` and ``--distance``. Each
-combination writes ``<out>/cd_history_<position>_<distance>.csv`` in the callback's ``cd_history.csv``
-format (one row per checkpoint, ordered by training step; with ``--linear-probe`` also
-``linear/layer_XX``, the held-out accuracy of a logistic regression, which does not depend on the
-distance) and ``<out>/plots/cd_history_<position>_<distance>.png``. ``<out>`` defaults to
+Every checkpoint is scored on the run's own fixed probe set (the datamodule's ``probe_dataloader``:
+the callback's prompts when ``--probe-per-concept`` equals the callback's ``probe_per_concept``) for
+every combination of ``--position`` and ``--distance``. Each combination writes
+``<out>/cd_history_<position>_<distance>.csv`` in the callback's ``cd_history.csv`` format, one row
+per checkpoint in step order (with ``--linear-probe`` also ``linear/layer_XX``: the held-out accuracy
+of a logistic regression, the same for every distance), and
+``<out>/plots/cd_history_<position>_<distance>.png``. ``<out>`` defaults to
 ``<config's directory>/cd_checkpoints``. Positions are those the run's module ``probe`` accepts (the
 synthetic model: ``query``, ``last_y``). Checkpoints of the same step (``last.ckpt`` beside
 ``step=N.ckpt``) are scored once. Runs on the CPU. Made for synthetic pretraining runs (a module with
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
     )
     parser.add_argument("--layers", type=int, nargs="+", help="0-based layers, negative from the end (default: all)")
     parser.add_argument("--k", type=int, default=10, help="neighbours of the leave-one-out k-NN (default: 10)")
-    parser.add_argument("--probe-per-concept", type=int, help="probe prompts per concept (default: the run's)")
+    parser.add_argument(
+        "--probe-per-concept", type=int, help="probe prompts per concept (default: the datamodule's probe_per_concept)"
+    )
     parser.add_argument("--linear-probe", action="store_true", help="also a held-out logistic-regression probe")
     parser.add_argument("--out", help="output directory (default: <config dir>/cd_checkpoints)")
     args = parser.parse_args(argv)
