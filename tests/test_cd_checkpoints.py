@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import DEBUG, TINY_SYNTHETIC, config
 
 from lcd import cd_checkpoints
@@ -58,6 +59,11 @@ def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--position", "answer"])
     assert "--position answer" in capsys.readouterr().err
+    alien = tmp_path / "alien.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "global_step": 1}, alien)
+    with pytest.raises(SystemExit):
+        cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), str(alien)])
+    assert "alien.ckpt does not fit the model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="layer"):
         cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--layers", "2"])
     assert not list(tmp_path.glob("*.csv"))

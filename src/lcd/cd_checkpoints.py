@@ -116,18 +116,22 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
         except ValueError as err:
             parser.error(f"--position {position}: {err}")
     n_concepts = len(data.concept_names)
+    by_step: dict[int, str] = {}  # every checkpoint must fit the run's model; one per step, in step order
+    for ckpt in args.ckpt:
+        try:
+            step = load_weights(model, ckpt)
+        except RuntimeError as err:
+            parser.error(f"{ckpt} does not fit the model of {args.config}: {err}")
+        if step in by_step:
+            print(f"{ckpt}: step {step} is also {by_step[step]}, scored once")
+        by_step.setdefault(step, ckpt)
 
     out = Path(args.out or Path(args.config).parent / "cd_checkpoints")
     histories: dict[tuple[str, str], list[dict[str, float]]] = {
         key: [] for key in itertools.product(args.position, args.distance)
     }
-    seen: set[int] = set()
-    for ckpt in args.ckpt:
-        step = load_weights(model, ckpt)
-        if step in seen:
-            print(f"{ckpt}: step {step} already scored, skipped")
-            continue
-        seen.add(step)
+    for step, ckpt in sorted(by_step.items()):
+        load_weights(model, ckpt)
         model.eval()
         for position in args.position:
             features, labels, loss = probe_features(model, batches, layers, position)
@@ -144,11 +148,10 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
                 print(f"step {step:>7} {position:>8} {distance:>9}: CD per layer {cds}")
 
     for (position, distance), rows in histories.items():
-        rows.sort(key=lambda row: row["step"])
         name = f"cd_history_{position}_{distance}"
         write_history(out / f"{name}.csv", rows)
         save_png(plot_cd_history(rows, layers), out / "plots" / f"{name}.png")
-    print(f"wrote {len(histories)} histories of {len(seen)} checkpoints to {out}")
+    print(f"wrote {len(histories)} histories of {len(by_step)} checkpoints to {out}")
     return histories
 
 
