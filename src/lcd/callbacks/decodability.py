@@ -153,7 +153,7 @@ class ConceptDecodability(L.Callback):
             result["classes"],
             loss_sum / loss_count.clamp(min=1),
         )
-        best = self._layers.index(int(row["cd/best_layer"]))
+        best = int(result["cd"].argmax())
         self.history.append(row)
         if trainer.is_global_zero:
             metrics = {key: value for key, value in row.items() if key != "step"}
