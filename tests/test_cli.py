@@ -12,6 +12,7 @@ from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 
 from lcd.callbacks.decodability import read_history
 from lcd.cli import main
+from lcd.emergence import concept_onsets, format_onsets
 from lcd.lit import LitPretrain
 
 CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
@@ -36,6 +37,8 @@ def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
     assert [row["step"] for row in history] == [0, 2, 4]
     assert {"cd/layer_00", "cd/layer_01", "cd/best", "cd/best_layer", "cd/layer_01/concept_3"} <= history[0].keys()
     assert "probe/loss/concept_0" in history[0]
+    # The onset table at fit end is the one lcd.emergence reads from the saved history.
+    assert (run_dir / "cd_onsets.txt").read_text() == format_onsets(*concept_onsets(history)) + "\n"
     assert all(0 <= row["cd/best"] <= 1 for row in history)
     rows = metrics_rows(run_dir)
     keys = set().union(*rows)

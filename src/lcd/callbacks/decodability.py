@@ -10,13 +10,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 
 from lcd.activations import n_decoder_layers, resolve_layers
 from lcd.decodability import ConceptDecodabilityMetric, Distance
+from lcd.emergence import concept_onsets, format_onsets
 from lcd.plotting import plot_cd_heatmap, plot_cd_history, plot_snapshot, run_dir, save_figure
 
 HISTORY_FILE = "cd_history.csv"
+ONSETS_FILE = "cd_onsets.txt"
 
 
 class ConceptDecodability(L.Callback):
@@ -32,7 +34,9 @@ class ConceptDecodability(L.Callback):
 
     History lives in this callback's state, so it is saved in checkpoints and a resumed run continues
     the same curves; it is also rewritten to ``<run_dir>/cd_history.csv`` after every evaluation. At the
-    end of fit ``plots/cd_history.png`` shows per-concept loss and CD per layer over steps. Under DDP the
+    end of fit ``plots/cd_history.png`` shows per-concept loss and CD per layer over steps, and
+    ``cd_onsets.txt`` (also printed) says at which step each concept's loss dropped and its CD rose at
+    the best layer (:mod:`lcd.emergence`). Under DDP the
     probe set is split across processes and gathered, so every process scores the same pooled set as a
     single process would.
 
@@ -105,10 +109,14 @@ class ConceptDecodability(L.Callback):
             self._maybe_evaluate(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Score the final model and save the history plot."""
+        """Score the final model; save the history plot and the onset table."""
         self._maybe_evaluate(trainer, pl_module)
         if trainer.is_global_zero and self.history:
             save_figure(trainer, plot_cd_history(self.history, self._layers), "cd_history")
+        if trainer.is_global_zero and len(self.history) >= 2:
+            table = format_onsets(*concept_onsets(self.history))
+            (run_dir(trainer) / ONSETS_FILE).write_text(table + "\n")
+            rank_zero_info(table)
 
     def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (self.history and self.history[-1]["step"] == trainer.global_step):
