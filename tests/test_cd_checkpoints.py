@@ -9,6 +9,7 @@ from conftest import DEBUG, TINY_SYNTHETIC, config
 from lcd import cd_checkpoints
 from lcd.callbacks.decodability import HISTORY_FILE, read_history
 from lcd.cli import main as cli_main
+from lcd.runs import load_run
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +68,26 @@ def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
     with pytest.raises(ValueError, match="layer"):
         cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--layers", "2"])
     assert not list(tmp_path.glob("*.csv"))
+
+
+def test_y_all_variant_with_cd_at_the_last_y_token(tmp_path):
+    # configs/synthetic/y_all.yaml on top of the preset, CD read by callbacks/concept_decodability_last_y.yaml:
+    # the live history is the last-y-token CD of the final weights, as lcd.cd_checkpoints scores it.
+    cli_main([
+        "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml", "configs/synthetic/y_all.yaml",
+                       "callbacks/concept_decodability_last_y.yaml"),
+        "--config", DEBUG, *TINY_SYNTHETIC, f"--trainer.default_root_dir={tmp_path}",
+    ])  # fmt: skip
+    (cfg,) = tmp_path.rglob("config.yaml")
+    model, _ = load_run(cfg, None)
+    assert model.net.y_slot == "all"
+    argv = ["--config", str(cfg), "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt")]
+    argv += ["--out", str(tmp_path / "post"), "--probe-per-concept", "100"]  # the callback's probe set
+    histories = cd_checkpoints.main([*argv, "--position", "last_y", "query"])
+    (live,) = [row for row in read_history(tmp_path / HISTORY_FILE) if row["step"] == 4]
+    for key in live:
+        assert histories["last_y", "euclidean"][-1][key] == pytest.approx(live[key], abs=1e-6), key
+    query = histories["query", "euclidean"][-1]
+    assert any(query[k] != pytest.approx(live[k], abs=1e-6) for k in live if k.startswith("cd/layer_")), (
+        "query and last-y CD coincide: the position option did not reach the callback"
+    )

@@ -32,18 +32,19 @@ def test_init_scales_are_configurable():
             ICLTransformer(n_dims=4, n_pairs=4, n_layers=1, d_model=8, n_heads=2, **bad)
 
 
-@pytest.mark.parametrize("y_slot", ["first", "own"])
+@pytest.mark.parametrize("y_slot", ["first", "own", "all"])
 def test_y_slot_places_y_in_its_own_coordinate(y_slot):
     torch.manual_seed(0)
     net = ICLTransformer(n_dims=3, n_pairs=2, n_layers=1, d_model=8, n_heads=2, y_slot=y_slot)
     xs, ys = torch.randn(4, 2, 3), torch.randn(4, 2)
     tokens = net.embed_tokens(xs, ys)
-    y_col = 0 if y_slot == "first" else 3
+    y_cols = {"first": [0], "own": [3], "all": [0, 1, 2]}[y_slot]
     assert tokens.shape == (4, 4, 3 + (y_slot == "own")) and net.read_in.in_features == tokens.shape[-1]
     torch.testing.assert_close(tokens[:, 0::2, :3], xs)  # x tokens hold x in the first D coordinates
-    torch.testing.assert_close(tokens[:, 1::2, y_col], ys)
+    for col in y_cols:
+        torch.testing.assert_close(tokens[:, 1::2, col], ys)
     others = torch.ones(tokens.shape[-1], dtype=torch.bool)
-    others[y_col] = False
+    others[y_cols] = False
     assert not tokens[:, 1::2, others].any()  # y tokens are zero elsewhere
     if y_slot == "own":
         assert not tokens[:, 0::2, 3].any()  # and x tokens are zero in the y coordinate
@@ -52,7 +53,7 @@ def test_y_slot_places_y_in_its_own_coordinate(y_slot):
         ICLTransformer(n_dims=3, n_pairs=2, n_layers=1, d_model=8, n_heads=2, y_slot="last")
 
 
-@pytest.mark.parametrize("y_slot", ["first", "own"])
+@pytest.mark.parametrize("y_slot", ["first", "own", "all"])
 def test_model_is_causal(y_slot):
     model = tiny(y_slot=y_slot)
     xs, ys = torch.randn(3, 6, 4), torch.randn(3, 6)

@@ -4,7 +4,8 @@ Tokens follow Garg et al. (2022): x_i and y_i are separate interleaved tokens, `
 D dims, so a prompt of n pairs is the sequence ``x_0, y_0, x_1, y_1, ...`` of length 2n. The
 prediction of ``y_i`` is read out at the ``x_i`` token, which sees every earlier pair but not ``y_i``.
 With ``y_slot="own"`` tokens get one extra coordinate that holds y (x tokens carry 0 there), so y no
-longer shares a read-in column with input coordinate 0.
+longer shares a read-in column with input coordinate 0; with ``y_slot="all"`` y fills every coordinate,
+so it shares its read-in with every concept's inputs alike.
 The backbone is transformers' ``GPT2Model``, so :mod:`lcd.activations` reaches its residual stream
 exactly as it does for any pretrained HF decoder.
 """
@@ -39,8 +40,10 @@ class ICLTransformer(nn.Module):
             (the model stayed on the plateau).
         y_slot: Where a y token puts its value. ``"first"`` (Garg et al., the paper's setup): coordinate
             0 of a D-dim token, the coordinate x tokens use for x_0. ``"own"``: an extra (D+1)-th
-            coordinate that is 0 in x tokens. With ``"first"`` the concept whose basis contains x_0
-            shares its read-in column with y and, on the small CPU preset, is the one solved first.
+            coordinate that is 0 in x tokens. ``"all"``: y in every one of the D coordinates. With
+            ``"first"`` the concept whose basis contains x_0 shares its read-in column with y and, on the
+            small CPU preset, is the one solved first and the one encoded; ``"all"`` gives every concept
+            that shared column.
 
     """
 
@@ -54,7 +57,7 @@ class ICLTransformer(nn.Module):
         dropout: float = 0.0,
         init_std: float = 0.02,
         pos_init_std: float | None = None,
-        y_slot: Literal["first", "own"] = "first",
+        y_slot: Literal["first", "own", "all"] = "first",
     ) -> None:
         super().__init__()
         if d_model % n_heads:
@@ -63,8 +66,8 @@ class ICLTransformer(nn.Module):
             raise ValueError("n_dims, n_pairs, n_layers, d_model and n_heads must all be >= 1.")
         if init_std <= 0 or (pos_init_std is not None and pos_init_std <= 0):
             raise ValueError(f"init_std ({init_std}) and pos_init_std ({pos_init_std}) must be > 0.")
-        if y_slot not in ("first", "own"):
-            raise ValueError(f"y_slot must be 'first' or 'own', got {y_slot!r}.")
+        if y_slot not in ("first", "own", "all"):
+            raise ValueError(f"y_slot must be 'first', 'own' or 'all', got {y_slot!r}.")
         self.n_dims, self.n_pairs, self.y_slot = n_dims, n_pairs, y_slot
         config = GPT2Config(
             vocab_size=1,  # inputs come through read_in; a real vocabulary would only waste parameters
@@ -103,8 +106,11 @@ class ICLTransformer(nn.Module):
         if self.y_slot == "own":
             xs = nn.functional.pad(xs, (0, 1))  # x tokens carry 0 in the y coordinate
         b, n, d = xs.shape
-        ys_wide = torch.zeros_like(xs)
-        ys_wide[..., 0 if self.y_slot == "first" else -1] = ys  # y_i in its coordinate, zeros elsewhere
+        if self.y_slot == "all":
+            ys_wide = ys.unsqueeze(-1).expand_as(xs)  # y_i in every coordinate
+        else:
+            ys_wide = torch.zeros_like(xs)
+            ys_wide[..., 0 if self.y_slot == "first" else -1] = ys  # y_i in its coordinate, zeros elsewhere
         return torch.stack([xs, ys_wide], dim=2).reshape(b, 2 * n, d)
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
