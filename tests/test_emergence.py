@@ -34,6 +34,9 @@ def test_onsets_of_a_planted_history():
     assert c1.loss_step == 1200 and c1.cd_step is None and c1.lag is None
     layer0, onsets0 = concept_onsets(history(), layer=0)
     assert layer0 == 0 and all(o.cd_step is None for o in onsets0)
+    # A concept without CD at the layer (absent from the probe set) is left out, not a KeyError.
+    rows = [{k: v for k, v in row.items() if k != "cd/layer_01/concept_1"} for row in history()]
+    assert [o.concept for o in concept_onsets(rows)[1]] == [0]
 
 
 def test_the_running_median_ignores_a_single_spike():
@@ -51,7 +54,7 @@ def test_bad_histories_are_refused():
         concept_onsets(history(), window=4)
     with pytest.raises(ValueError, match=r"layer 2 is not in this CD history; .* layers \[0, 1\]"):
         concept_onsets(history(), layer=2)
-    with pytest.raises(ValueError, match="no probe/loss"):
+    with pytest.raises(ValueError, match="no concept with both probe/loss"):
         concept_onsets([{k: v for k, v in row.items() if "loss" not in k} for row in history()])
 
 

@@ -115,9 +115,14 @@ def concept_onsets(
         layer = int(rows[-1]["cd/best_layer"])
     if layer not in layers:
         raise ValueError(f"layer {layer} is not in this CD history; it has per-concept CD for layers {layers}")
-    concepts = sorted(int(k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("probe/loss/concept_"))
+    # Concepts with both a loss and a CD column at this layer (a concept absent from the probe set has no CD).
+    concepts = sorted(
+        int(k.rsplit("_", 1)[1])
+        for k in rows[0]
+        if k.startswith("probe/loss/concept_") and f"cd/layer_{layer:02d}/{k.rsplit('/', 1)[1]}" in rows[0]
+    )
     if not concepts:
-        raise ValueError("the CD history has no probe/loss/concept_<k> columns (not written by lcd?)")
+        raise ValueError(f"the CD history has no concept with both probe/loss/concept_<k> and layer {layer}'s CD")
     steps = [int(row["step"]) for row in rows]
     onsets = []
     for c in concepts:

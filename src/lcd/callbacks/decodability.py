@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 
 from lcd.activations import n_decoder_layers, resolve_layers
 from lcd.decodability import ConceptDecodabilityMetric, Distance
@@ -36,9 +36,8 @@ class ConceptDecodability(L.Callback):
     the same curves; it is also rewritten to ``<run_dir>/cd_history.csv`` after every evaluation. At the
     end of fit ``plots/cd_history.png`` shows per-concept loss and CD per layer over steps, and
     ``cd_onsets.txt`` (also printed) says at which step each concept's loss dropped and its CD rose at
-    the best layer (:mod:`lcd.emergence`). Under DDP the
-    probe set is split across processes and gathered, so every process scores the same pooled set as a
-    single process would.
+    the best layer (:mod:`lcd.emergence`). Under DDP the probe set is split across processes and
+    gathered, so every process scores the same pooled set as a single process would.
 
     Args:
         every_n_steps: Evaluate every this many optimizer steps (also at fit start and end).
@@ -114,7 +113,11 @@ class ConceptDecodability(L.Callback):
         if trainer.is_global_zero and self.history:
             save_figure(trainer, plot_cd_history(self.history, self._layers), "cd_history")
         if trainer.is_global_zero and len(self.history) >= 2:
-            table = format_onsets(*concept_onsets(self.history))
+            try:
+                table = format_onsets(*concept_onsets(self.history))
+            except ValueError as err:  # a summary only: never fail a finished fit over it
+                rank_zero_warn(f"no {ONSETS_FILE}: {err}")
+                return
             (run_dir(trainer) / ONSETS_FILE).write_text(table + "\n")
             rank_zero_info(table)
 
