@@ -99,7 +99,7 @@ def concept_onsets(
 
     Raises:
         ValueError: Fewer than 2 rows, an even or non-positive window, rows without a step, a layer the
-            history lacks, or rows without per-concept loss.
+            history lacks, or no concept with both a probe loss and a CD column at that layer.
 
     """
     if len(rows) < 2:
