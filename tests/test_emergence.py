@@ -3,7 +3,15 @@
 import pytest
 
 from lcd.callbacks.decodability import write_history
-from lcd.emergence import concept_onsets, format_onsets, main, running_median
+from lcd.emergence import (
+    BEATS_LASSO,
+    DecodingCurve,
+    concept_onsets,
+    format_onsets,
+    main,
+    merge_by_step,
+    running_median,
+)
 
 
 def history(spike_at: int | None = None) -> list[dict[str, float]]:
@@ -54,7 +62,7 @@ def test_bad_histories_are_refused():
         concept_onsets(history(), window=4)
     with pytest.raises(ValueError, match=r"layer 2 is not in this CD history; .* layers \[0, 1\]"):
         concept_onsets(history(), layer=2)
-    with pytest.raises(ValueError, match="no concept with both probe/loss"):
+    with pytest.raises(ValueError, match="no concept has both a decoding curve probe/loss"):
         concept_onsets([{k: v for k, v in row.items() if "loss" not in k} for row in history()])
 
 
@@ -66,4 +74,67 @@ def test_command_line_prints_the_table(tmp_path, capsys):
     assert "+2 evaluations" in format_onsets(layer, onsets) and "no rise" in format_onsets(layer, onsets)
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.csv")])
-    assert "is not a file" in capsys.readouterr().err
+    assert "not a file" in capsys.readouterr().err
+
+
+def metrics(first_steps: range, beats_at: int) -> list[dict[str, float]]:
+    """Lightning-style sparse metrics rows: a training row every 50 steps, a validation row every 400.
+
+    Concept 0's tail error falls below LASSO's (error 0.5) at step ``beats_at``; concept 1's never does.
+    """
+    rows: list[dict[str, float]] = []
+    for step in first_steps:
+        rows.append({"step": float(step), "train/loss": 1.0})
+        if step % 400 == 399:
+            rows.append(
+                {
+                    "step": float(step),
+                    "val/mse_tail/concept_0": 0.4 if step >= beats_at else 0.8,
+                    "val/mse_tail/concept_1": 0.7,
+                    "val/ref/lasso/mse_tail/concept_0": 0.5,
+                    "val/ref/lasso/mse_tail/concept_1": 0.5,
+                }
+            )
+    return rows
+
+
+def test_decoding_read_from_a_resumed_runs_metrics_beats_lasso():
+    # A run stopped after step 1199 and resumed in a second metrics file; concept 0 beats LASSO from 799.
+    rows = merge_by_step([metrics(range(49, 1200, 50), beats_at=799), metrics(range(1199, 2000, 50), beats_at=799)])
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})  # one row per step
+    val = [r for r in rows if "val/mse_tail/concept_0" in r]
+    assert len(val) == 5 and all("train/loss" in r for r in val)  # train and val rows of a step merged
+    layer, (c0, c1) = concept_onsets(history(), layer=1, window=1, decoding_rows=rows, curve=BEATS_LASSO)
+    # CD of concept 0 rises half way at step 700: one CD evaluation (100 steps) before 799.
+    assert (c0.loss_step, c0.cd_step, c0.lag) == (799, 700, -1)
+    assert (c0.loss_start, c0.loss_end) == (pytest.approx(1.6), pytest.approx(0.8))
+    assert c1.loss_step is None and c1.lag is None and c1.loss_end == pytest.approx(1.4)
+    table = format_onsets(layer, [c0, c1], BEATS_LASSO)
+    assert "never" in table and "val/mse_tail/concept_<k> / val/ref/lasso/mse_tail/concept_<k>" in table
+    # The same rows read as half of the drop of the raw tail error, with no reference: still step 799.
+    half = concept_onsets(history(), 1, 1, 0.15, val, DecodingCurve("val/mse_tail/concept_{k}"))[1][0]
+    assert half.loss_step == 799
+    with pytest.raises(ValueError, match="need {k}"):
+        DecodingCurve("val/mse_tail/concept_0")
+
+
+def test_command_line_reads_decoding_from_metrics_files(tmp_path, capsys):
+    path, first, second = tmp_path / "cd_history.csv", tmp_path / "m0.csv", tmp_path / "m1.csv"
+    write_history(path, history())
+    write_history(first, metrics(range(49, 1200, 50), beats_at=1599))
+    write_history(second, metrics(range(1199, 2000, 50), beats_at=1599))
+    layer, (c0, _) = main([str(path), "--layer", "1", "--window", "1", "--decoding", str(first), str(second)])
+    assert c0.loss_step == 1599 and c0.lag == 7 - 16
+    last = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert last[0] == "1" and last[4] == "never" and last[-3:] == ["no", "rise", "-"]  # concept 1's row
+    # Only the first file: concept 0 never beats LASSO before step 1199.
+    _, (c0, _) = main([str(path), "--layer", "1", "--window", "1", "--decoding", str(first)])
+    assert c0.loss_step is None
+    _, (c0, _) = main([str(path), "--layer", "1", "--window", "1", "--decoding", str(first), "--below", "1.7"])
+    assert c0.loss_step == 399  # a custom threshold: the ratio 1.6 is already at most 1.7
+    with pytest.raises(SystemExit):
+        main([str(path), "--decoding", str(tmp_path / "missing.csv")])
+    assert "not a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(path), "--decoding", str(first), "--decoding-key", "val/mse_tail"])
+    assert "need {k}" in capsys.readouterr().err

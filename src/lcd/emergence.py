@@ -1,21 +1,30 @@
-r"""Does each concept's CD rise in step with its loss drop? Onsets read from a CD history.
+r"""Does each concept's CD rise in step with its decoding? Onsets read from a CD history.
 
 PAPER.md §2: each basis's loss drops suddenly, and at each drop that basis separates in the middle-layer
 representation. This module turns that claim into numbers for one run. It reads a ``cd_history.csv``
 (written by the :class:`~lcd.callbacks.ConceptDecodability` callback, or by ``python -m
 lcd.cd_checkpoints``) and, for every concept, finds
 
-- the **loss step**: the first evaluation at which the concept's probe loss, smoothed by a centred
-  running median over ``window`` evaluations, has covered half of the way from its first smoothed
-  value down to its lowest;
+- the **decoding step**: by default the first evaluation at which the concept's probe loss, smoothed by
+  a centred running median over ``window`` evaluations, has covered half of the way from its first
+  smoothed value down to its lowest;
 - the **CD step**: the same for the concept's per-concept CD at one layer, from its first smoothed value
   up to its highest. A rise smaller than ``min_rise`` counts as no rise (per-concept CD on 100 probe
   prompts has a standard error of about 0.05);
-- the **lag**: CD step minus loss step, in evaluations (positive: the CD rise comes later).
+- the **lag**: CD step minus decoding step, in evaluations of the CD history (positive: the CD rise
+  comes later).
+
+The probe loss averages over every context position, as the paper's per-concept loss does, so when a
+run has an early phase that every concept shares (learning to regress at all) its half-drop lands
+there, not at the concept's own decoding. ``--decoding`` reads a sharper curve from the run's Lightning
+``metrics.csv`` instead: the model's tail error over that of LASSO, which does not know the concept,
+and the decoding step is the first validation at which the (smoothed) model beats LASSO, which it can
+only do by using the concept.
 
 ::
 
     python -m lcd.emergence runs/synthetic_cpu/cd_history.csv [--layer 3] [--window 5] [--min-rise 0.15]
+    python -m lcd.emergence runs/synthetic_cpu/cd_history.csv --decoding runs/synthetic_cpu/csv/version_*/metrics.csv
 
 The layer defaults to the best layer of the last evaluation (``cd/best_layer``).
 """
@@ -31,26 +40,71 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class DecodingCurve:
+    """Which column holds a concept's decoding curve and when it counts as decoded.
+
+    Attributes:
+        key: Column of concept ``k``'s curve, with ``{k}`` in place of the id.
+        reference_key: A column (with ``{k}``) the curve is divided by; ``None``: the curve as it is.
+        below: The decoding step is the first at which the smoothed curve is at most this; ``None``: the
+            first at which it covered half of the way from its first value to its lowest.
+
+    """
+
+    key: str = "probe/loss/concept_{k}"
+    reference_key: str | None = None
+    below: float | None = None
+
+    def __post_init__(self) -> None:
+        if any("{k}" not in k for k in (self.key, self.reference_key) if k is not None):
+            raise ValueError(f"decoding columns need {{k}} where the concept id goes, got {self}")
+
+    def describe(self) -> str:
+        """One line naming the curve and its onset rule."""
+        curve = self.key if self.reference_key is None else f"{self.key} / {self.reference_key}"
+        rule = "half of its drop" if self.below is None else f"first at most {self.below:g}"
+        return f"{curve.format(k='<k>')} ({rule})"
+
+    def values(self, rows: Sequence[dict[str, float]], concept: int) -> list[tuple[int, float]]:
+        """(step, value) of every row that has the concept's column(s)."""
+        key = self.key.format(k=concept)
+        ref = None if self.reference_key is None else self.reference_key.format(k=concept)
+        return [
+            (int(row["step"]), row[key] if ref is None else row[key] / row[ref])
+            for row in rows
+            if key in row and (ref is None or ref in row)
+        ]
+
+
+PROBE_LOSS = DecodingCurve()
+"""The CD history's own decoding curve: each concept's probe loss over all positions, half of its drop."""
+
+BEATS_LASSO = DecodingCurve("val/mse_tail/concept_{k}", "val/ref/lasso/mse_tail/concept_{k}", below=1.0)
+"""From ``metrics.csv``: the first validation at which the model's tail error is at most LASSO's."""
+
+
+@dataclass(frozen=True)
 class ConceptOnset:
-    """When one concept's loss dropped and its CD rose, in one run's history.
+    """When one concept was decoded and its CD rose, in one run's history.
 
     Attributes:
         concept: Concept id.
-        loss_start: First smoothed probe loss.
-        loss_end: Lowest smoothed probe loss.
-        loss_step: Training step at which the smoothed loss first covered half of its drop.
+        loss_start: First smoothed value of the decoding curve (the probe loss by default).
+        loss_end: Lowest smoothed value of the decoding curve.
+        loss_step: Training step of the decoding onset (:class:`DecodingCurve`); ``None`` when a
+            ``below`` threshold is never reached.
         cd_start: First smoothed per-concept CD.
         cd_end: Highest smoothed per-concept CD.
         cd_step: Training step at which the smoothed CD first covered half of its rise; ``None`` when the
             rise is below ``min_rise``.
-        lag: Evaluations from ``loss_step`` to ``cd_step`` (``None`` without a CD rise).
+        lag: CD-history evaluations from ``loss_step`` to ``cd_step``, rounded (``None`` without both).
 
     """
 
     concept: int
     loss_start: float
     loss_end: float
-    loss_step: int
+    loss_step: int | None
     cd_start: float
     cd_end: float
     cd_step: int | None
@@ -84,30 +138,41 @@ def history_layers(rows: Sequence[dict[str, float]]) -> list[int]:
 
 
 def concept_onsets(
-    rows: Sequence[dict[str, float]], layer: int | None = None, window: int = 5, min_rise: float = 0.15
+    rows: Sequence[dict[str, float]],
+    layer: int | None = None,
+    window: int = 5,
+    min_rise: float = 0.15,
+    decoding_rows: Sequence[dict[str, float]] | None = None,
+    curve: DecodingCurve = PROBE_LOSS,
 ) -> tuple[int, list[ConceptOnset]]:
-    """Loss-drop and CD-rise steps of every concept in a CD history.
+    """Decoding and CD-rise steps of every concept in a CD history.
 
     Args:
         rows: Rows of a ``cd_history.csv`` in step order (:func:`lcd.callbacks.decodability.read_history`).
         layer: 0-based layer whose per-concept CD is read; ``None``: the last row's ``cd/best_layer``.
-        window: Evaluations in the running median (odd; 1 disables smoothing).
+        window: Evaluations in the running median of each curve (odd; 1 disables smoothing).
         min_rise: Smallest smoothed CD rise counted as a rise.
+        decoding_rows: Rows (each with a ``step``, in step order) holding the decoding curves; ``None``:
+            ``rows``. Rows without the concept's column are skipped (:func:`merge_by_step` for
+            Lightning's ``metrics.csv``).
+        curve: Which column is the decoding curve and what counts as its onset.
 
     Returns:
         (the layer used, one :class:`ConceptOnset` per concept in id order).
 
     Raises:
         ValueError: Fewer than 2 rows, an even or non-positive window, rows without a step, a layer the
-            history lacks, or no concept with both a probe loss and a CD column at that layer.
+            history lacks, no concept with both a decoding curve of 2 or more values and a CD column at
+            that layer.
 
     """
     if len(rows) < 2:
         raise ValueError(f"a CD history needs at least 2 evaluations to show a change; this one has {len(rows)}")
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be a positive odd number of evaluations, got {window}")
-    if any("step" not in row for row in rows):
-        raise ValueError("rows without a 'step' column: not a CD history written by lcd")
+    decoding_rows = rows if decoding_rows is None else decoding_rows
+    if any("step" not in row for row in [*rows, *decoding_rows]):
+        raise ValueError("rows without a 'step' column: not a CD history or metrics file written by lcd")
     layers = history_layers(rows)
     if layer is None:
         if "cd/best_layer" not in rows[-1]:
@@ -115,51 +180,72 @@ def concept_onsets(
         layer = int(rows[-1]["cd/best_layer"])
     if layer not in layers:
         raise ValueError(f"layer {layer} is not in this CD history; it has per-concept CD for layers {layers}")
-    # Concepts with both a loss and a CD column at this layer (a concept absent from the probe set has no CD).
-    concepts = sorted(
-        int(k.rsplit("_", 1)[1])
-        for k in rows[0]
-        if k.startswith("probe/loss/concept_") and f"cd/layer_{layer:02d}/{k.rsplit('/', 1)[1]}" in rows[0]
-    )
-    if not concepts:
-        raise ValueError(f"the CD history has no concept with both probe/loss/concept_<k> and layer {layer}'s CD")
     steps = [int(row["step"]) for row in rows]
+    interval = statistics.median(b - a for a, b in zip(steps, steps[1:], strict=False)) or 1
+    # Concepts with a CD column at this layer (a concept absent from the probe set has none) and a curve.
+    cd_column = re.compile(rf"cd/layer_{layer:02d}/concept_(\d+)")
+    concepts = sorted(int(m.group(1)) for k in rows[0] if (m := cd_column.fullmatch(k)))
+    curves = {c: curve.values(decoding_rows, c) for c in concepts}
+    curves = {c: values for c, values in curves.items() if len(values) >= 2}
+    if not curves:
+        raise ValueError(f"no concept has both a decoding curve {curve.describe()} and layer {layer}'s CD")
     onsets = []
-    for c in concepts:
-        loss = running_median([row[f"probe/loss/concept_{c}"] for row in rows], window)
+    for c, values in curves.items():
+        loss = running_median([v for _, v in values], window)
         cd = running_median([row[f"cd/layer_{layer:02d}/concept_{c}"] for row in rows], window)
-        loss_index, loss_start, loss_end = half_way_index(loss, rising=False)
+        if curve.below is None:
+            loss_index: int | None = half_way_index(loss, rising=False)[0]
+        else:
+            loss_index = next((i for i, v in enumerate(loss) if v <= curve.below), None)
+        loss_step = None if loss_index is None else values[loss_index][0]
         cd_index, cd_start, cd_end = half_way_index(cd, rising=True)
-        rose = cd_end - cd_start >= min_rise
+        cd_step = steps[cd_index] if cd_end - cd_start >= min_rise else None
         onsets.append(
             ConceptOnset(
                 concept=c,
-                loss_start=loss_start,
-                loss_end=loss_end,
-                loss_step=steps[loss_index],
+                loss_start=loss[0],
+                loss_end=min(loss),
+                loss_step=loss_step,
                 cd_start=cd_start,
                 cd_end=cd_end,
-                cd_step=steps[cd_index] if rose else None,
-                lag=cd_index - loss_index if rose else None,
+                cd_step=cd_step,
+                lag=None if cd_step is None or loss_step is None else round((cd_step - loss_step) / interval),
             )
         )
     return layer, onsets
 
 
-def format_onsets(layer: int, onsets: Sequence[ConceptOnset]) -> str:
-    """A plain-text table of :func:`concept_onsets`'s result."""
+def format_onsets(layer: int, onsets: Sequence[ConceptOnset], curve: DecodingCurve = PROBE_LOSS) -> str:
+    """A plain-text table of :func:`concept_onsets`'s result for ``curve``."""
     lines = [
-        f"per-concept CD at layer {layer}; steps where the smoothed curve covers half of its change",
-        f"{'concept':>7}  {'loss first -> lowest':>20}  {'step':>7}  {'CD first -> highest':>19}  {'step':>7}  lag",
+        f"per-concept CD at layer {layer} (step where its smoothed curve rose half way) against the decoding "
+        f"curve {curve.describe()}",
+        f"{'concept':>7}  {'decoding first -> lowest':>24}  {'step':>7}  {'CD first -> highest':>19}  {'step':>7}  lag",
     ]
     for o in onsets:
+        loss_step = "never" if o.loss_step is None else str(o.loss_step)
         cd_step = "no rise" if o.cd_step is None else str(o.cd_step)
         lag = "-" if o.lag is None else f"{o.lag:+d} evaluations"
         lines.append(
-            f"{o.concept:>7}  {o.loss_start:>9.3f} -> {o.loss_end:<7.3f}  {o.loss_step:>7}  "
+            f"{o.concept:>7}  {o.loss_start:>11.3f} -> {o.loss_end:<9.3f}  {loss_step:>7}  "
             f"{o.cd_start:>8.2f} -> {o.cd_end:<6.2f}  {cd_step:>7}  {lag}"
         )
     return "\n".join(lines)
+
+
+def merge_by_step(tables: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:
+    """Rows of several sparse tables merged into one row per step, in step order (later tables win).
+
+    Lightning's ``metrics.csv`` writes training and validation metrics of one step on separate rows, and a
+    resumed run continues in a new ``version_N`` directory; merging gives one curve per metric.
+    """
+    merged: dict[int, dict[str, float]] = {}
+    for table in tables:
+        for row in table:
+            if "step" not in row:
+                raise ValueError("rows without a 'step' column: not a metrics file written by Lightning's CSVLogger")
+            merged.setdefault(int(row["step"]), {}).update(row)
+    return [merged[step] for step in sorted(merged)]
 
 
 def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
@@ -175,15 +261,31 @@ def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
     parser.add_argument(
         "--min-rise", type=float, default=0.15, help="smallest smoothed CD rise counted as a rise (default 0.15)"
     )
+    parser.add_argument(
+        "--decoding",
+        nargs="+",
+        metavar="METRICS_CSV",
+        help="read the decoding curves from these Lightning metrics.csv files (a resumed run's versions in "
+        "order); default curve: the model's tail error over LASSO's, decoded when at most 1",
+    )
+    parser.add_argument("--decoding-key", help="column of concept k's decoding curve, {k} for the id")
+    parser.add_argument("--reference-key", help="column ({k} for the id) the decoding curve is divided by")
+    parser.add_argument("--below", type=float, help="decoded at the first smoothed value at most this")
     args = parser.parse_args(argv)
-    path = Path(args.history)
-    if not path.is_file():
-        parser.error(f"{path} is not a file; pass a run's cd_history.csv")
+    files = [Path(args.history), *map(Path, args.decoding or [])]
+    if missing := [str(f) for f in files if not f.is_file()]:
+        parser.error(f"not a file: {', '.join(missing)}; pass a run's cd_history.csv (and csv/version_*/metrics.csv)")
+    default = BEATS_LASSO if args.decoding else PROBE_LOSS
+    custom = (args.decoding_key, args.reference_key, args.below) != (None, None, None)
     try:
-        layer, onsets = concept_onsets(read_history(path), args.layer, args.window, args.min_rise)
+        curve = DecodingCurve(args.decoding_key or default.key, args.reference_key, args.below) if custom else default
+        decoding_rows = merge_by_step([read_history(f) for f in files[1:]]) if args.decoding else None
+        layer, onsets = concept_onsets(
+            read_history(files[0]), args.layer, args.window, args.min_rise, decoding_rows, curve
+        )
     except ValueError as err:
-        parser.error(f"{path}: {err}")
-    print(format_onsets(layer, onsets))
+        parser.error(f"{files[0]}: {err}")
+    print(format_onsets(layer, onsets, curve))
     return layer, onsets
 
 
