@@ -14,11 +14,11 @@ from lcd.runs import load_run
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A tiny synthetic run with the CD callback (steps 0 and 4) keeping a checkpoint every 2 steps."""
+    """A tiny synthetic run, paper tokenisation, query-token CD (steps 0 and 4), a checkpoint every 2 steps."""
     root = tmp_path_factory.mktemp("fitted")
     cli_main([
-        "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml", "callbacks/concept_decodability.yaml",
-                       "callbacks/keep_checkpoints.yaml"),
+        "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml", "configs/synthetic/y_first.yaml",
+                       "callbacks/concept_decodability.yaml", "callbacks/keep_checkpoints.yaml"),
         "--config", DEBUG, *TINY_SYNTHETIC, f"--trainer.default_root_dir={root}",
         "--trainer.callbacks.every_n_train_steps=2",  # the last fragment's callback: keep_checkpoints
     ])  # fmt: skip
@@ -29,6 +29,7 @@ def fitted(tmp_path_factory):
 def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
     root, cfg, ckpts = fitted
     assert [p.name for p in ckpts] == ["last.ckpt", "step=2.ckpt", "step=4.ckpt"]
+    assert load_run(cfg, None)[0].net.y_slot == "first"  # configs/synthetic/y_first.yaml reached the model
     out = tmp_path / "post"
     argv = ["--config", str(cfg), "--ckpt", *map(str, ckpts), "--out", str(out), "--probe-per-concept", "100"]
     histories = cd_checkpoints.main(
@@ -70,11 +71,11 @@ def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
     assert not list(tmp_path.glob("*.csv"))
 
 
-def test_y_all_variant_with_cd_at_the_last_y_token(tmp_path):
-    # configs/synthetic/y_all.yaml on top of the preset, CD read by callbacks/concept_decodability_last_y.yaml:
+def test_preset_with_cd_at_the_last_y_token(tmp_path):
+    # `make run`'s fragments (y in every coordinate, CD read by callbacks/concept_decodability_last_y.yaml):
     # the live history is the last-y-token CD of the final weights, as lcd.cd_checkpoints scores it.
     cli_main([
-        "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml", "configs/synthetic/y_all.yaml",
+        "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml",
                        "callbacks/concept_decodability_last_y.yaml"),
         "--config", DEBUG, *TINY_SYNTHETIC, f"--trainer.default_root_dir={tmp_path}",
     ])  # fmt: skip

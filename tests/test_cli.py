@@ -16,7 +16,7 @@ from lcd.emergence import concept_onsets, format_onsets
 from lcd.lit import LitPretrain
 
 CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
-CD = config("callbacks/concept_decodability.yaml")
+CD = config("callbacks/concept_decodability_last_y.yaml")  # as `make run`
 
 
 def fit(run_dir: Path, *extra: str) -> None:
@@ -45,8 +45,11 @@ def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
     assert {"train/loss", "val/mse", "val/mse/concept_0", "val/ratio_true_basis/concept_3", "cd/layer_01"} <= keys
     assert "val/ref/least_squares_true_basis/mse_tail/concept_2" in keys
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
-    for png in ["cd_history.png", "cd_heatmap.png", "error_vs_position_final.png", "snapshot_layer00_step0000000.png"]:
+    for png in ["cd_history.png", "cd_heatmap.png", "error_vs_position_final.png"]:
         assert (run_dir / "plots" / png).exists(), png
+    # The step-0 snapshot is of that evaluation's best layer.
+    best = int(history[0]["cd/best_layer"])
+    assert [p.name for p in (run_dir / "plots").glob("snapshot_*")] == [f"snapshot_layer{best:02d}_step0000000.png"]
     # A checkpoint of the CLI loads back by itself: the network is rebuilt from the config in its hparams.
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     model = LitPretrain.load_from_checkpoint(ckpt, map_location="cpu")
