@@ -35,7 +35,7 @@ import argparse
 import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -268,17 +268,28 @@ def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
         help="read the decoding curves from these Lightning metrics.csv files (a resumed run's versions in "
         "order); default curve: the model's tail error over LASSO's, decoded when at most 1",
     )
-    parser.add_argument("--decoding-key", help="column of concept k's decoding curve, {k} for the id")
-    parser.add_argument("--reference-key", help="column ({k} for the id) the decoding curve is divided by")
-    parser.add_argument("--below", type=float, help="decoded at the first smoothed value at most this")
+    parser.add_argument(
+        "--decoding-key", help="column of concept k's decoding curve, {k} for the id (replaces the default curve)"
+    )
+    parser.add_argument(
+        "--reference-key", help="column ({k} for the id) the decoding curve is divided by (replaces the default curve)"
+    )
+    parser.add_argument(
+        "--below",
+        type=float,
+        help="decoded at the first smoothed value at most this (alone: changes only the default curve's threshold; "
+        "a replaced curve without it is dated half way down)",
+    )
     args = parser.parse_args(argv)
     files = [Path(args.history), *map(Path, args.decoding or [])]
     if missing := [str(f) for f in files if not f.is_file()]:
         parser.error(f"not a file: {', '.join(missing)}; pass a run's cd_history.csv (and csv/version_*/metrics.csv)")
     default = BEATS_LASSO if args.decoding else PROBE_LOSS
-    custom = (args.decoding_key, args.reference_key, args.below) != (None, None, None)
     try:
-        curve = DecodingCurve(args.decoding_key or default.key, args.reference_key, args.below) if custom else default
+        if args.decoding_key or args.reference_key:
+            curve = DecodingCurve(args.decoding_key or default.key, args.reference_key, args.below)
+        else:
+            curve = default if args.below is None else replace(default, below=args.below)
         decoding_rows = merge_by_step([read_history(f) for f in files[1:]]) if args.decoding else None
         layer, onsets = concept_onsets(
             read_history(files[0]), args.layer, args.window, args.min_rise, decoding_rows, curve
