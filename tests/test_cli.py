@@ -117,13 +117,13 @@ def test_wandb_runs_offline_inside_the_run_directory(run_dir, monkeypatch):
 
 
 def test_impossible_task_fails_before_training(run_dir):
-    with pytest.raises(ValueError, match="n_concepts \\* rank <= n_dims"):
+    with pytest.raises(SystemExit, match="n_concepts \\* rank <= n_dims"):
         fit(run_dir, "--data.init_args.task.init_args.rank=3")
     assert not (run_dir / "checkpoints").exists()
 
 
 def test_model_task_mismatch_fails_before_training(run_dir):
-    with pytest.raises(ValueError, match=r"task has n_dims=\d+ but the model was built with n_dims=7"):
+    with pytest.raises(SystemExit, match=r"task has n_dims=\d+ but the model was built with n_dims=7"):
         fit(run_dir, "--model.init_args.net.init_args.n_dims=7")  # no preset uses 7 input dims
     assert not (run_dir / "checkpoints").exists()
 
@@ -133,7 +133,7 @@ def test_cd_layer_out_of_range_fails_before_training(run_dir, tmp_path):
     fragment.write_text(
         "trainer:\n  callbacks+:\n    - class_path: lcd.callbacks.ConceptDecodability\n      init_args: {layers: [2]}\n"
     )
-    with pytest.raises(ValueError, match="layer 2 is out of range for a model with 2 layers"):
+    with pytest.raises(SystemExit, match="layer 2 is out of range for a model with 2 layers"):
         fit(run_dir, "--config", str(fragment))
     assert not (run_dir / "checkpoints").exists()
 

@@ -88,7 +88,7 @@ def test_paper_fragments_and_gpu_fragment(tiny_gemma, tmp_path):
         run = tmp_path / str(layer)
         main(["fit", *args(tiny_gemma, run, "configs/finetune/gpu.yaml", fragment, extra=[*count1, *cpu])])
         assert adapter_layers(run) == [layer]
-    with pytest.raises(ValueError, match="count=10 exceeds the model's 2 layers"):
+    with pytest.raises(SystemExit, match="count=10 exceeds the model's 2 layers"):
         main(["fit", *args(tiny_gemma, tmp_path / "bad", "configs/finetune/early10.yaml")])
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
@@ -99,7 +99,7 @@ def test_out_of_range_layers_fail_before_training(tiny_gemma, tmp_path):
         "model:\n  init_args:\n    method:\n      init_args:\n"
         "        layers: {class_path: lcd.layers.LayerList, init_args: {layers: [5]}}\n"
     )
-    with pytest.raises(ValueError, match=r"\[5\] out of range for a model with 2 layers"):
+    with pytest.raises(SystemExit, match=r"\[5\] out of range for a model with 2 layers"):
         main(["fit", *args(tiny_gemma, tmp_path / "run", str(fragment))])
     assert not (tmp_path / "run").exists()
 
@@ -222,7 +222,7 @@ def test_validate_the_pretrained_baseline(tiny_gemma, tmp_path):
     main(["validate", *args(tiny_gemma, run, "configs/finetune/early.yaml", extra=["--model.init_args.method=null"])])
     (metrics,) = run.glob("csv/version_*/metrics.csv")
     assert "val/shots_01/acc/concept_AND" in metrics.read_text().splitlines()[0]
-    with pytest.raises(ValueError, match="no finetuning method"):
+    with pytest.raises(SystemExit, match="no finetuning method"):
         main(["fit", *args(tiny_gemma, tmp_path / "x", extra=["--model.init_args.method=null"])])
 
 

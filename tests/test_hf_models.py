@@ -74,7 +74,7 @@ def test_presets_and_cache_dir(monkeypatch, tmp_path):
 def test_hub_preset_yaml_fails_fast_through_the_cli(preset, tmp_path):
     args = ["validate", *config(PROBE[0], preset, PROBE[1], "configs/llm/debug.yaml")]
     start = time.perf_counter()
-    with pytest.raises(ValueError, match="point at a local copy"):  # jsonargparse wraps the FileNotFoundError
+    with pytest.raises(SystemExit, match="point at a local copy"):  # printed as the last line, exit 2
         main([*args, f"--trainer.default_root_dir={tmp_path}"])
     assert time.perf_counter() - start < 30
 

@@ -139,9 +139,9 @@ def test_probe_pos_and_conllu_through_the_cli(tmp_path):
 
 def test_bad_options_fail_before_any_work(tmp_path):
     model_dir = save_tiny_lm(tmp_path / "model", "llama")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(SystemExit, match="out of range"):
         _run(tmp_path / "a", model_dir, "configs/llm/tasks/bitwise.yaml", extra=("--model.init_args.layers=[5]",))
-    with pytest.raises(ValueError, match="patch_shots=10"):
+    with pytest.raises(SystemExit, match="patch_shots=10"):
         _run(
             tmp_path / "b",
             model_dir,
@@ -149,7 +149,7 @@ def test_bad_options_fail_before_any_work(tmp_path):
             "configs/llm/patching.yaml",
             extra=("--model.init_args.patch_shots=10",),
         )
-    with pytest.raises(ValueError, match="does not exist"):  # jsonargparse wraps errors raised in __init__
+    with pytest.raises(SystemExit, match="does not exist"):  # lcd.errors prints it last, exit 2
         _run(tmp_path / "c", tmp_path / "nowhere.gguf", "configs/llm/tasks/bitwise.yaml")
 
 

@@ -10,6 +10,10 @@ Usage::
 Conventions added to plain LightningCLI: every logger and the checkpoints live under
 ``trainer.default_root_dir`` (the run directory) unless set explicitly, and a resumed run (``--ckpt_path``)
 continues the same W&B run.
+
+A setting or input that cannot work (an impossible option, a layer out of range, a missing or unreadable
+file, a model that is not installed) ends the command with ``lcd: error: <what to fix>`` as the last line
+on stderr and exit status 2; ``LCD_DEBUG=1`` shows its traceback (see :mod:`lcd.errors`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+
+from lcd.errors import user_errors
 
 _WANDB_ID_FILE = "wandb_run_id.txt"
 
@@ -89,8 +95,13 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> LCDCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lcd`` and ``lightning`` commands and of ``python -m lcd``."""
-    make_cli(args)
+    """Entry point of the ``lcd`` and ``lightning`` commands and of ``python -m lcd``.
+
+    A user error (see :mod:`lcd.errors`) is printed as the last line, ``lcd: error: <message>``, and
+    raises :class:`~lcd.errors.UserErrorExit` (exit status 2); ``LCD_DEBUG=1`` keeps the traceback.
+    """
+    with user_errors("lcd"):
+        make_cli(args)
 
 
 if __name__ == "__main__":
