@@ -66,7 +66,7 @@ def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), str(alien)])
     assert "alien.ckpt does not fit the model" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(SystemExit, match="layer"):
         cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--layers", "2"])
     assert not list(tmp_path.glob("*.csv"))
 

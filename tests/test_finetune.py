@@ -255,6 +255,6 @@ def test_compare_writes_the_table(tiny_gemma, tmp_path):
     again = list(csv.DictReader((out / "table.csv").open()))
     assert [r["condition"] for r in again] == ["early", "late"] and {r["layer"] for r in again} == {"1"}
     assert again[0]["acc_mean"] == rows[1]["acc_mean"]
-    with pytest.raises(ValueError, match="other arguments.*delete"):
+    with pytest.raises(SystemExit, match="other arguments.*delete"):
         compare_main([*common, "--set", "trainer.max_steps=3", "--conditions", "early", "--layer", "1"])
     assert sorted(out.glob("*/csv/version_*")) == versions

@@ -124,5 +124,5 @@ def test_patch_synthetic_command_on_a_fitted_run(tmp_path):
     rows = (out / "patching_matrix.csv").read_text().splitlines()
     assert len(rows) == 1 + 16 and rows[1].startswith("1,replace,")
     assert (out / "plots" / "patching_matrix.png").is_file()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SystemExit, match="does not exist"):
         patch_synthetic.main(["--config", str(tmp_path / "missing.yaml")])

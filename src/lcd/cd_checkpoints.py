@@ -36,6 +36,7 @@ import torch
 from lcd.activations import n_decoder_layers, resolve_layers
 from lcd.callbacks.decodability import history_row, write_history
 from lcd.decodability import Distance, layerwise_decodability, linear_probe_accuracy
+from lcd.errors import user_errors
 from lcd.plotting import plot_cd_history, save_png
 from lcd.runs import load_run, load_weights
 
@@ -72,6 +73,7 @@ def score(
     return history_row(step, layers, cd, per_concept, classes, loss_sum / loss_count.clamp(min=1))
 
 
+@user_errors("python -m lcd.cd_checkpoints")
 def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, float]]]:
     """Command-line entry point (see the module docstring).
 
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
         The history rows of every (position, distance) combination, as written to the CSVs.
 
     """
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lcd.cd_checkpoints", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="the run's config.yaml (written by lcd fit)")
     parser.add_argument(
         "--ckpt", nargs="+", required=True, help="checkpoint files to score (globs expanded by the shell)"

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from lcd.callbacks.decodability import ConceptDecodability
 from lcd.cli import make_cli
+from lcd.errors import user_errors
 
 __all__ = ["ConditionResult", "compare", "main"]
 
@@ -252,9 +253,12 @@ def compare(
     return md
 
 
+@user_errors("python -m lcd.compare")
 def main(argv: list[str] | None = None) -> None:
     """``python -m lcd.compare``: see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lcd.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--task", required=True, help="task fragment, e.g. configs/llm/tasks/pos.yaml")
     parser.add_argument("--model", default="configs/llm/models/gemma3_270m.yaml", help="model fragment")
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)

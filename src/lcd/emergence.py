@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lcd.errors import user_errors
+
 
 @dataclass(frozen=True)
 class DecodingCurve:
@@ -248,6 +250,7 @@ def merge_by_step(tables: Sequence[Sequence[dict[str, float]]]) -> list[dict[str
     return [merged[step] for step in sorted(merged)]
 
 
+@user_errors("python -m lcd.emergence")
 def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
     """Command line: print the onset table of one ``cd_history.csv``."""
     from lcd.callbacks.decodability import read_history  # the callback imports this module

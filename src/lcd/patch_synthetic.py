@@ -17,6 +17,7 @@ import argparse
 import csv
 from pathlib import Path
 
+from lcd.errors import user_errors
 from lcd.patching import PatchMode, SyntheticPatching, synthetic_patching_matrix
 from lcd.plotting import save_png
 from lcd.runs import load_run
@@ -43,9 +44,10 @@ def plot_matrix(result: SyntheticPatching, names: list[str]):
     return fig
 
 
+@user_errors("python -m lcd.patch_synthetic")
 def main(argv: list[str] | None = None) -> SyntheticPatching:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lcd.patch_synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the run's config.yaml")
     parser.add_argument("--ckpt", help="checkpoint to load (default: the weights the config builds)")
     parser.add_argument("--layer", type=int, help="0-based layer; default: best CD layer on the probe set")
