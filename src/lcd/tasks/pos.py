@@ -73,23 +73,52 @@ def _sentence(tokens: list[tuple[str, str, bool]], upos_map: dict[str, str], tex
     return POSSentence(text, tuple(w for w, _ in words), tuple(t for _, t in words))
 
 
-def read_conllu(path: str | Path, upos_map: dict[str, str] | None = None) -> list[POSSentence]:
-    """Read every sentence of a CoNLL-U file, tags mapped to concepts by ``upos_map``.
+_CONLLU_OPTION = "--data.init_args.task.init_args.conllu_path"
+
+
+def _conllu_lines(path: Path) -> list[str]:
+    """The file's lines, decoded as UTF-8 (a leading byte-order mark is dropped).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if a token line does not have the 10 CoNLL-U columns.
+        ValueError: at the first byte that is not UTF-8, with its line and column.
+
+    """
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(
+            f"CoNLL-U file {path}{where} not found: point {_CONLLU_OPTION} at a .conllu file "
+            "(e.g. Universal Dependencies' en_ewt-ud-train.conllu)."
+        )
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1  # 1-based, in bytes
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); convert the file "
+            f"to UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8.conllu')}"
+        ) from None
+    return text.splitlines()
+
+
+def read_conllu(path: str | Path, upos_map: dict[str, str] | None = None) -> list[POSSentence]:
+    """Read every sentence of a CoNLL-U file (UTF-8, with or without a BOM), tags mapped by ``upos_map``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is not UTF-8 or a token line does not have the 10 CoNLL-U columns
+            (the message starts with ``<file>:<line>:``).
 
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CoNLL-U file {path} not found: pass a .conllu file (e.g. UD English-EWT).")
+    lines = _conllu_lines(path)
     upos_map = UPOS_TO_CONCEPT if upos_map is None else upos_map
     sentences: list[POSSentence] = []
     tokens: list[tuple[str, str, bool]] = []
     text: str | None = None
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.rstrip("\n")
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             if tokens:
                 sentences.append(_sentence(tokens, upos_map, text))
@@ -100,7 +129,8 @@ def read_conllu(path: str | Path, upos_map: dict[str, str] | None = None) -> lis
         else:
             cols = line.split("\t")
             if len(cols) != 10:
-                raise ValueError(f"{path}:{lineno}: expected 10 tab-separated CoNLL-U columns, got {len(cols)}.")
+                hint = " (spaces instead of tabs?)" if len(cols) < 10 and len(line.split()) >= 10 else ""
+                raise ValueError(f"{path}:{lineno}: expected 10 tab-separated CoNLL-U columns, got {len(cols)}{hint}.")
             if "-" in cols[0] or "." in cols[0]:  # multiword-token range or empty node
                 continue
             tokens.append((cols[1], cols[3], "SpaceAfter=No" not in cols[9]))
@@ -134,7 +164,8 @@ class POSTask(TextICLTask):
     """First word with a hidden part of speech; generated sentences by default, or a CoNLL-U corpus.
 
     Args:
-        conllu_path: A CoNLL-U file to read instead of generating sentences.
+        conllu_path: A CoNLL-U file (UTF-8) to read instead of generating sentences. It is read and checked
+            when the task is built, so a missing or malformed file fails before any model loads.
         n_sentences: Sentences to use (generated, or the first ones kept from the corpus after the
             all-six filter and shuffling); ``None`` keeps every corpus sentence.
         test_fraction: Share of sentences in the test split (the paper's 0.2).
@@ -162,8 +193,15 @@ class POSTask(TextICLTask):
         self.conllu_path, self.n_sentences, self.test_fraction = conllu_path, n_sentences, test_fraction
         self.upos_map, self.seed = upos_map, seed
         self._splits: dict[str, list[POSSentence]] | None = None
-        if conllu_path is not None and not Path(conllu_path).is_file():
-            raise FileNotFoundError(f"CoNLL-U file {conllu_path} not found: pass an existing .conllu path.")
+        self._corpus: list[POSSentence] | None = None
+        if conllu_path is not None:  # read and check the corpus now: before a model is loaded for it
+            unique = {s.text: s for s in read_conllu(conllu_path, self.upos_map) if s.has_all_concepts}
+            self._corpus = list(unique.values())
+            if len(self._corpus) < 20:
+                raise ValueError(
+                    f"{conllu_path} has only {len(self._corpus)} distinct sentences with all six tags "
+                    f"({', '.join(POS_CONCEPTS)}); need 20: pass a larger corpus."
+                )
 
     @property
     def concept_names(self) -> list[str]:
@@ -179,14 +217,9 @@ class POSTask(TextICLTask):
         if self.conllu_path is None:
             sentences = generated_sentences(self.n_sentences, self.seed)
         else:
-            unique = {s.text: s for s in read_conllu(self.conllu_path, self.upos_map) if s.has_all_concepts}
-            sentences = list(unique.values())
+            sentences = list(self._corpus)
             random.Random(f"pos-corpus/{self.seed}").shuffle(sentences)
             sentences = sentences[: self.n_sentences] if self.n_sentences is not None else sentences
-            if len(sentences) < 20:
-                raise ValueError(
-                    f"{self.conllu_path} has only {len(sentences)} distinct sentences with all six tags; need 20."
-                )
         random.Random(f"pos-split/{self.seed}").shuffle(sentences)
         n_test = max(1, round(self.test_fraction * len(sentences)))
         return {"test": sentences[:n_test], "train": sentences[n_test:]}
