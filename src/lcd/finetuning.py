@@ -162,9 +162,14 @@ class LoRA(FinetuneMethod):
     ) -> None:
         super().__init__(layers)
         if r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {r}.")
+            raise ValueError(
+                f"LoRA rank r must be >= 1, got {r}: set model.init_args.method.init_args.r (the paper's 16)."
+            )
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}.")
+            raise ValueError(
+                f"LoRA dropout must be in [0, 1), got {dropout}: set model.init_args.method.init_args.dropout "
+                "(the paper's 0.1)."
+            )
         if target_modules is not None and not target_modules:
             raise ValueError("target_modules is empty: give module names or leave it unset for the default.")
         self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias

