@@ -1,0 +1,205 @@
+"""Runs that lose nothing: safe checkpoint loading, guarded run directories."""
+
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEBUG, TINY_SYNTHETIC, config
+
+from lcd import cd_checkpoints
+from lcd.callbacks.decodability import read_history
+from lcd.cli import main
+from lcd.lit import LitPretrain
+from lcd.runs import (
+    CheckpointError,
+    RunDirectoryError,
+    RunLock,
+    UnreadableCheckpointError,
+    UnsafeCheckpointError,
+    check_checkpoint,
+    last_checkpoint,
+    load_checkpoint,
+    load_run,
+    load_weights,
+    newest_intact_checkpoint,
+)
+
+CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
+CALLBACKS = """trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: {ckpt_every}, save_last: true}}
+    - {{class_path: lcd.callbacks.ConceptDecodability, init_args: {{every_n_steps: 2}}}}
+"""
+
+
+def fit_args(run_dir: Path, fragment: Path, *extra: str) -> list[str]:
+    return ["fit", *CPU, "--config", DEBUG, *TINY_SYNTHETIC, "--config", str(fragment),
+            "--trainer.val_check_interval=3", f"--trainer.default_root_dir={run_dir}", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def every2(tmp_path_factory) -> Path:
+    """Checkpoints and CD every 2 steps, CSV logger only (the debug fragment's)."""
+    path = tmp_path_factory.mktemp("fragments") / "every2.yaml"
+    path.write_text(CALLBACKS.format(ckpt_every=2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, every2) -> Path:
+    """A finished 4-step run: checkpoints at steps 2 and 4 (step=4.ckpt and last.ckpt kept), CD at 0, 2, 4."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    main(fit_args(run, every2))
+    return run
+
+
+@pytest.fixture
+def used(finished, tmp_path) -> Path:
+    """A copy of the finished run this test may change."""
+    return Path(shutil.copytree(finished, tmp_path / "used"))
+
+
+class _OpensFile:
+    """Unpickling this creates ``path`` (the side effect a crafted checkpoint could have)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+# --- item 3: checkpoints load with weights_only=True ---------------------------------------------------------
+
+
+def test_checkpoint_that_would_run_code_is_refused_by_every_loader(finished, every2, tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    saved = torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True)  # lcd's own loads as is
+    saved["extra"] = _OpensFile(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(saved, evil)
+    (config_yaml,) = finished.rglob("config.yaml")
+
+    model, _ = load_run(config_yaml, None)
+    loaders = [lambda: load_weights(model, evil), lambda: load_run(config_yaml, evil), lambda: check_checkpoint(evil)]
+    for load in loaders:
+        with pytest.raises(UnsafeCheckpointError, match=r"would run code .*weights_only=True.*GLOBAL"):
+            load()
+    with pytest.raises(SystemExit):
+        cd_checkpoints.main(["--config", str(config_yaml), "--ckpt", str(evil), "--out", str(tmp_path / "cd")])
+    assert "would run code" in capsys.readouterr().err
+    run = tmp_path / "resumed"
+    with pytest.raises(UnsafeCheckpointError, match=f"{evil} was refused"):  # the resume path, before any work
+        main(fit_args(run, every2, "--trainer.max_steps=6", f"--ckpt_path={evil}"))
+    assert not (run / "checkpoints").exists()
+    with pytest.raises(pickle.UnpicklingError):  # Lightning's own loader: torch's weights_only default
+        LitPretrain.load_from_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="--weights_only false is refused"):
+        main(fit_args(run, every2, "--weights_only=false", f"--ckpt_path={finished / 'checkpoints' / 'last.ckpt'}"))
+
+    torch.load(evil, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
+# --- item 6 (part): a truncated checkpoint names the newest intact one ------------------------------------------
+
+
+def test_truncated_last_checkpoint_names_the_newest_intact_one_before_any_work(used, every2):
+    ckpts = used / "checkpoints"
+    last, intact = ckpts / "last.ckpt", ckpts / "epoch=0-step=4.ckpt"
+    assert sorted(p.name for p in ckpts.iterdir()) == [intact.name, last.name]
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    before = {p: p.read_bytes() for p in used.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    with pytest.raises(UnreadableCheckpointError) as err:
+        main(fit_args(used, every2, "--trainer.max_steps=6", "--ckpt_path=last"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"--ckpt_path last: {last} is truncated or unreadable (")
+    assert message.endswith(
+        f"The newest intact checkpoint in {ckpts} is {intact} (step 4): resume with --ckpt_path {intact}."
+    )
+    after = {p: p.read_bytes() for p in used.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing ran
+
+    main(fit_args(used, every2, "--trainer.max_steps=6", f"--ckpt_path={intact}"))  # the advice works
+    # (last-v1.ckpt: the copied run's checkpoint names the original directory, so Lightning keeps last.ckpt)
+    assert load_checkpoint(last_checkpoint(ckpts))["global_step"] == 6
+    assert [row["step"] for row in read_history(used / "cd_history.csv")] == [0, 2, 4, 6]
+
+
+def test_corrupted_and_missing_checkpoints_are_named(finished, tmp_path):
+    data = bytearray((finished / "checkpoints" / "last.ckpt").read_bytes())
+    data[len(data) // 3] ^= 0xFF  # torch.load itself accepts this file: only the zip CRC tells
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(UnreadableCheckpointError, match=r"flipped.ckpt is corrupted \(archive member .* CRC"):
+        check_checkpoint(flipped)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    assert newest_intact_checkpoint(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt does not exist"):
+        check_checkpoint(tmp_path / "nothing.ckpt")
+
+
+# --- item 4: a run directory belongs to one run -------------------------------------------------------------
+
+
+def test_fresh_fit_into_a_used_run_directory_is_refused_and_overwrite_moves_it_aside(used, every2):
+    history = (used / "cd_history.csv").read_text()
+    n_rows = len(read_history(used / "cd_history.csv"))
+    with pytest.raises(RunDirectoryError) as err:
+        main(fit_args(used, every2))
+    message = str(err.value)
+    assert message.startswith(f"{used} already holds an earlier run's outputs (checkpoints/epoch=0-step=4.ckpt, ")
+    assert message.endswith(
+        "a fresh fit would replace them. Either resume it with --ckpt_path last, or choose another "
+        f"--trainer.default_root_dir, or pass --overwrite true to move them into {used}/replaced-<date>-<time>/ "
+        "and start over."
+    )
+    assert (used / "cd_history.csv").read_text() == history and len(read_history(used / "cd_history.csv")) == n_rows
+    assert not list(used.glob("csv/version_1"))
+
+    # validate/test evaluate a finished run in its directory: allowed, in a CSV version of their own
+    main(["validate", *fit_args(used, every2, "--ckpt_path=last")[1:]])
+    assert (used / "csv" / "version_1" / "metrics.csv").exists()
+    assert (used / "cd_history.csv").read_text() == history
+    aside = used.parent / "checkpoints_aside"
+    (used / "checkpoints").rename(aside)
+    with pytest.raises(RunDirectoryError, match="It has no last.ckpt to resume from: choose another"):
+        main(fit_args(used, every2, "--ckpt_path=last"))  # nothing to resume: a fresh fit, refused as well
+    aside.rename(used / "checkpoints")
+
+    main(fit_args(used, every2, "--overwrite=true", "--trainer.max_steps=2"))
+    (aside,) = used.glob("replaced-*")
+    assert (aside / "cd_history.csv").read_text() == history  # nothing deleted
+    assert {p.name for p in (aside / "checkpoints").iterdir()} == {"epoch=0-step=4.ckpt", "last.ckpt"}
+    assert [row["step"] for row in read_history(used / "cd_history.csv")] == [0, 2]
+    (saved_config,) = used.glob("csv/version_*/config.yaml")
+    assert "overwrite: false" in saved_config.read_text()  # reusing the saved config never overwrites
+
+
+def test_second_process_on_a_run_directory_is_refused(tmp_path, every2):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lcd.runs import RunLock\nRunLock(sys.argv[1]).acquire()\n"
+         "print('locked', flush=True)\ntime.sleep(600)", str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirectoryError, match=rf"{run} is in use by another process \(PID {holder.pid} on "):
+            main(fit_args(run, every2))
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()  # as kill -9: the operating system releases its lock
+        holder.wait()
+    lock = RunLock(run)
+    lock.acquire()
+    lock.release()
