@@ -1,5 +1,7 @@
-"""Runs that lose nothing: safe checkpoint loading, guarded run directories."""
+"""Runs that lose nothing: safe checkpoint loading, guarded run directories, exact resume in W&B and CSV."""
 
+import csv
+import os
 import pickle
 import shutil
 import subprocess
@@ -8,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEBUG, TINY_SYNTHETIC, config
+from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
+from wandb_records import history, kept_by_wandb
 
 from lcd import cd_checkpoints
 from lcd.callbacks.decodability import read_history
@@ -34,6 +37,10 @@ CALLBACKS = """trainer:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{every_n_train_steps: {ckpt_every}, save_last: true}}
     - {{class_path: lcd.callbacks.ConceptDecodability, init_args: {{every_n_steps: 2}}}}
+"""
+LOGGERS = """  logger:
+    - {class_path: lcd.loggers.WandbLogger, init_args: {project: lcd}}
+    - {class_path: lcd.loggers.CSVLogger, init_args: {name: csv}}
 """
 
 
@@ -203,3 +210,114 @@ def test_second_process_on_a_run_directory_is_refused(tmp_path, every2):
     lock = RunLock(run)
     lock.acquire()
     lock.release()
+
+
+# --- items 5 and 7: kill -9, resume, and every step once in W&B and in metrics.csv ----------------------------
+
+
+def kill_and_resume(root: Path, kill_step: int) -> Path:
+    """A 10-step run killed (SIGKILL) in ``on_train_batch_end`` of ``kill_step``, resumed with ``--ckpt_path last``.
+
+    Checkpoints every 4 steps, CD every 2, validation every 3, W&B offline and CSV loggers.
+    """
+    killing = root / "killing.yaml"
+    killing.write_text(
+        CALLBACKS.format(ckpt_every=4)
+        + f"    - {{class_path: kill_at.KillAt, init_args: {{step: {kill_step}, wait: 3}}}}\n"
+        + LOGGERS
+    )
+    run = root / "broken"
+    env = dict(os.environ, WANDB_MODE="offline")
+    env.pop("WANDB_SERVICE", None)  # its own W&B service, as a separate command has (not this process's)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "lcd", *fit_args(run, killing, "--trainer.max_steps=10")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    main(fit_args(run, plain_fragment(root), "--trainer.max_steps=10", "--ckpt_path=last"))
+    return run
+
+
+def plain_fragment(root: Path) -> Path:
+    path = root / "plain.yaml"
+    path.write_text(CALLBACKS.format(ckpt_every=4) + LOGGERS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Killed during step 7 (after CD at 6), resumed from the step-4 checkpoint; and the same run uninterrupted."""
+    root = tmp_path_factory.mktemp("kill")
+    straight = root / "straight"
+    main(fit_args(straight, plain_fragment(root), "--trainer.max_steps=10"))
+    return kill_and_resume(root, kill_step=7), straight
+
+
+def wandb_parts(run: Path) -> list[list[dict]]:
+    """The history rows of each offline W&B directory of a run, in order of start."""
+    return [history(d) for d in sorted((run / "wandb").glob("offline-run-*"))]
+
+
+def _scalars(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k.split("/")[0] in ("cd", "probe", "train", "val")}
+
+
+@pytest.mark.slow  # a killed subprocess and a resumed run
+def test_resumed_run_shows_every_step_once_in_wandb(killed_and_resumed):
+    broken, straight = killed_and_resumed
+    first, resumed = wandb_parts(broken)
+    for row in first + resumed:  # W&B's step is the trainer's step
+        assert row["_step"] == row["trainer/global_step"]
+    assert resumed[0]["_step"] == 4  # the checkpoint's step, not 0
+    kept = kept_by_wandb([first, resumed])
+    assert kept[-1]["_step"] == 10 and first[-1]["_step"] < 7  # part of what the killed run did never reached W&B
+
+    cd_steps = [row["_step"] for row in kept if "cd/best" in row]
+    history_rows = read_history(broken / "cd_history.csv")
+    assert cd_steps == [row["step"] for row in history_rows] == [0, 2, 4, 6, 8, 10]
+    for row, saved in zip([r for r in kept if "cd/best" in r], history_rows, strict=True):
+        for key in ("cd/best", "cd/layer_01", "cd/layer_00/concept_2"):
+            assert row[key] == pytest.approx(saved[key]), (row["_step"], key)
+    assert [row["_step"] for row in kept if "train/loss" in row] == list(range(10))
+
+    (reference,) = [history(d) for d in (straight / "wandb").glob("offline-run-*")]
+    assert [row["_step"] for row in kept] == [row["_step"] for row in reference]
+    for row, expected in zip(kept, reference, strict=True):  # the same values as the uninterrupted run
+        assert _scalars(row) == _scalars(expected), row["_step"]
+
+
+@pytest.mark.slow  # a killed subprocess and a resumed run
+def test_resumed_run_keeps_one_metrics_csv_with_one_row_per_step(killed_and_resumed):
+    broken, straight = killed_and_resumed
+
+    def rows(run: Path) -> list[dict[str, str]]:
+        (path,) = run.glob("csv/version_*/metrics.csv")
+        with path.open() as f:
+            return list(csv.DictReader(f))
+
+    resumed = rows(broken)
+    assert [int(row["step"]) for row in resumed] == list(range(11))
+    assert resumed == rows(straight)
+    assert {"train/loss", "val/mse", "cd/best", "cd/layer_01"} <= resumed[0].keys()
+
+
+@pytest.mark.slow  # a killed subprocess and a resumed run
+def test_cd_of_the_checkpoint_step_reaches_wandb_and_csv_when_killed_right_after_it(tmp_path):
+    # Killed during step 5: the rows of steps 3 and 4 were still held by the loggers (a row is committed once a
+    # step two later is logged). The resumed fit replays step 4 on, and the CD callback logs the checkpoint's own
+    # evaluation (step 4) again. (The training loss of step 3, logged after the step-4 checkpoint, is the one
+    # value such a kill loses: see lcd.loggers.WandbLogger.)
+    run = kill_and_resume(tmp_path, kill_step=5)
+    first, resumed = wandb_parts(run)
+    assert first[-1]["_step"] < 4 and resumed[0]["_step"] == 4
+    saved = read_history(run / "cd_history.csv")
+    assert [row["step"] for row in saved] == [0, 2, 4, 6, 8, 10]
+    kept = [row for row in kept_by_wandb([first, resumed]) if "cd/best" in row]
+    assert [row["_step"] for row in kept] == [row["step"] for row in saved]
+    for row, expected in zip(kept, saved, strict=True):
+        assert row["cd/best"] == pytest.approx(expected["cd/best"]), row["_step"]
+    ((path,),) = [list(run.glob("csv/version_*/metrics.csv"))]
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["cd/best"]] == [0, 2, 4, 6, 8, 10]
+    assert [int(r["step"]) for r in rows] == sorted({int(r["step"]) for r in rows})

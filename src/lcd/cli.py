@@ -9,7 +9,7 @@ Usage::
 
 Conventions added to plain LightningCLI: every logger and the checkpoints live under
 ``trainer.default_root_dir`` (the run directory) unless set explicitly, and a resumed run (``--ckpt_path``)
-continues the same W&B run.
+continues the same W&B run, the same ``csv/version_<n>/metrics.csv`` and the same step axis.
 
 A run directory belongs to one run. Before any work:
 
@@ -207,7 +207,7 @@ class LCDCLI(LightningCLI):
         return int(saved.get("global_step", 0))
 
     def before_instantiate_classes(self) -> None:
-        """Point loggers and checkpoints at the run directory; reuse the W&B run id on resume."""
+        """Point loggers and checkpoints at the run directory; continue the W&B run and CSV file on resume."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs/default")
@@ -221,6 +221,15 @@ class LCDCLI(LightningCLI):
                 args.save_dir = str(root)
             if _class_name(logger) == "WandbLogger" and not args.get("id"):
                 args.id = _wandb_run_id(root, resuming)
+            lcd_logger = str(logger.get("class_path", "")).startswith("lcd.loggers.")
+            if lcd_logger and _class_name(logger) == "WandbLogger" and self.subcommand not in (None, "fit"):
+                args.align_steps = False  # validate/test rows follow the run's last row
+            if lcd_logger and _class_name(logger) == "CSVLogger" and self.subcommand == "fit":
+                # A fit's CSV is version_0 (a fresh fit never lands on an earlier run's CSV, see _guard), so
+                # a resume continues it even after validate/test runs added version_1, ...
+                if args.get("version") is None:
+                    args.version = 0
+                args.resume_from_step = self._resume_step
         for callback in _as_list(trainer.callbacks):
             if _class_name(callback) == "ModelCheckpoint" and not callback.init_args.get("dirpath"):
                 callback.init_args.dirpath = str(root / "checkpoints")
