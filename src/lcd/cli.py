@@ -135,18 +135,18 @@ class LCDCLI(LightningCLI):
                     "loading a checkpoint cannot run code."
                 )
             config.weights_only = True
+        overwrite = bool(config.get("overwrite"))
+        if "overwrite" in config:
+            config.overwrite = False  # never saved as true in config.yaml, which may be reused as --config
+        rank_zero = _launched_as_rank_zero()  # DDP workers: rank 0 holds the lock and checks the directory
+        if rank_zero:  # first: a checkpoint of a run in progress may be half written
+            self._lock = RunLock(root)
+            self._lock.acquire()
         ckpt_dir = _checkpoint_dir(config.trainer, root)
         ckpt = self._resolve_ckpt_path(config.get("ckpt_path"), ckpt_dir)
         if ckpt is not None:
             self._resume_step = self._check_resume_checkpoint(config.ckpt_path, ckpt, ckpt_dir)
-        overwrite = bool(config.get("overwrite"))
-        if "overwrite" in config:
-            config.overwrite = False  # never saved as true in config.yaml, which may be reused as --config
-        if not _launched_as_rank_zero():
-            return  # DDP workers: rank 0 holds the lock and has checked the directory
-        self._lock = RunLock(root)
-        self._lock.acquire()
-        if subcommand != "fit" or ckpt is not None:
+        if not rank_zero or subcommand != "fit" or ckpt is not None:
             return
         outputs = run_outputs(root)
         if outputs and overwrite:

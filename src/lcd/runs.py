@@ -85,8 +85,8 @@ def load_checkpoint(ckpt: str | Path) -> dict[str, Any]:
         if "Weights only load failed" in str(err):
             raise UnsafeCheckpointError(
                 f"{path} was refused: it holds objects other than tensors and plain data, and loading it would "
-                f"run code it contains (lcd loads checkpoints only with torch.load(weights_only=True)): "
-                f"{_refused_global(err)}"
+                f"run code it contains ({_refused_global(err)}; lcd loads checkpoints only with "
+                "torch.load(weights_only=True))."
             ) from None
         raise UnreadableCheckpointError(f"{path} is truncated or unreadable ({_reason(err)}).") from err
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
@@ -94,9 +94,8 @@ def load_checkpoint(ckpt: str | Path) -> dict[str, Any]:
 
 
 def _refused_global(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = [line for line in lines if "GLOBAL" in line]  # torch names the refused class or function
-    return named[0] if named else lines[-1]
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the class or function the pickle wanted
+    return f"it wanted {found.group(1)}" if found else str(err).strip().splitlines()[-1]
 
 
 def _reason(err: Exception) -> str:
