@@ -222,8 +222,8 @@ class LCDCLI(LightningCLI):
             if _class_name(logger) == "WandbLogger" and not args.get("id"):
                 args.id = _wandb_run_id(root, resuming)
             lcd_logger = str(logger.get("class_path", "")).startswith("lcd.loggers.")
-            if lcd_logger and _class_name(logger) == "WandbLogger" and self.subcommand not in (None, "fit"):
-                args.align_steps = False  # validate/test rows follow the run's last row
+            if lcd_logger and _class_name(logger) == "WandbLogger" and self.subcommand != "fit":
+                args.align_steps = False  # validate/test (and make_cli(run=False) users) keep W&B's counter
             if lcd_logger and _class_name(logger) == "CSVLogger" and self.subcommand == "fit":
                 # A fit's CSV is version_0 (a fresh fit never lands on an earlier run's CSV, see _guard), so
                 # a resume continues it even after validate/test runs added version_1, ...

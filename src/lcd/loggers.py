@@ -124,8 +124,8 @@ class WandbLogger(_LightningWandbLogger):
         save_dir: Directory for W&B files.
         log_model: Upload checkpoints as W&B artifacts (see Lightning's WandbLogger).
         align_steps: Log at W&B step = the trainer's step, one row per step (see above). The lcd CLI turns
-            it off for ``validate``/``test``, whose rows (at step 0 or the checkpoint's step) are appended
-            after the run's last row by W&B's own counter.
+            it off for everything but ``fit`` (``validate``/``test``, whose rows at step 0 or the checkpoint's
+            step are appended after the run's last row by W&B's own counter, and ``make_cli(run=False)``).
         flush_interval: Seconds between W&B's writes of the run's ``.wandb`` file (see above); not applied
             when ``settings`` are given.
         **kwargs: Passed to Lightning's WandbLogger and on to ``wandb.init`` (e.g. ``settings``).
