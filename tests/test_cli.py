@@ -53,7 +53,7 @@ def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
     # A checkpoint of the CLI loads back by itself: the network is rebuilt from the config in its hparams.
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     model = LitPretrain.load_from_checkpoint(ckpt, map_location="cpu")
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert model.net.backbone.config.n_layer == 2 and model.state_dict().keys() == saved.keys()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, saved[name], msg=name)
@@ -87,8 +87,8 @@ def test_resume_continues_the_same_run_and_cd_history(tmp_path):
     fit(straight, "--trainer.max_steps=6", *every)
     fit(broken, "--trainer.max_steps=4", *every)
     fit(broken, "--trainer.max_steps=6", *every, "--ckpt_path=last")
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
     for name, tensor in a["state_dict"].items():  # same data stream and optimizer state -> same weights
         torch.testing.assert_close(b["state_dict"][name], tensor, msg=name)

@@ -47,7 +47,7 @@ def test_strategy_swap_is_one_config_change(tiny_gemma, tmp_path):
     main(["fit", *args(tiny_gemma, late, "configs/finetune/late.yaml")])
     assert adapter_layers(early) == [0] and adapter_layers(late) == [1]  # a third of 2 layers: one block
     for run, layer in [(early, 0), (late, 1)]:
-        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["state_dict"] and all(f".layers.{layer}." in k and ".lora_" in k for k in ckpt["state_dict"])
         rows = read_history(run / "cd_history.csv")
         assert [r["step"] for r in rows] == [0, 2, 4] and {"cd/layer_00", "cd/layer_01"} <= rows[0].keys()
@@ -75,7 +75,7 @@ def test_plain_and_all_and_named_concept_yaml(tiny_gemma, tmp_path):
     run = tmp_path / "plain"
     main(["fit", *args(tiny_gemma, run, "configs/finetune/all.yaml", "configs/finetune/plain.yaml",
                        "configs/finetune/name_concept.yaml")])  # fmt: skip
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert {k.split(".")[3] for k in ckpt["state_dict"]} == {"0", "1"}  # model.model.layers.<i>....
     assert not any("lora" in k or "embed" in k for k in ckpt["state_dict"])
     assert (run / "adapter" / "trainable.safetensors").exists()
@@ -207,8 +207,8 @@ def test_resume_gives_the_same_adapter(tiny_gemma, tmp_path):
     main(["fit", *args(tiny_gemma, broken, "configs/finetune/early.yaml", extra=[*common, "--trainer.max_steps=4"])])
     main(["fit", *args(tiny_gemma, broken, "configs/finetune/early.yaml", extra=[*common, "--trainer.max_steps=6"]),
           "--ckpt_path=last"])  # fmt: skip
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, tensor in a["state_dict"].items():

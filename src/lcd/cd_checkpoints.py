@@ -38,7 +38,7 @@ from lcd.callbacks.decodability import history_row, write_history
 from lcd.decodability import Distance, layerwise_decodability, linear_probe_accuracy
 from lcd.errors import user_errors
 from lcd.plotting import plot_cd_history, save_png
-from lcd.runs import load_run, load_weights
+from lcd.runs import CheckpointError, load_run, load_weights
 
 
 @torch.no_grad()
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
     for ckpt in args.ckpt:
         try:
             step = load_weights(model, ckpt)
+        except CheckpointError as err:  # unsafe to load, truncated or corrupted
+            parser.error(str(err))
         except RuntimeError as err:
             parser.error(f"{ckpt} does not fit the model of {args.config}: {err}")
         if step in by_step:

@@ -24,7 +24,7 @@ only do by using the concept.
 ::
 
     python -m lcd.emergence runs/synthetic_cpu/cd_history.csv [--layer 3] [--window 5] [--min-rise 0.15]
-    python -m lcd.emergence runs/synthetic_cpu/cd_history.csv --decoding runs/synthetic_cpu/csv/version_*/metrics.csv
+    python -m lcd.emergence runs/synthetic_cpu/cd_history.csv --decoding runs/synthetic_cpu/csv/version_0/metrics.csv
 
 The layer defaults to the best layer of the last evaluation (``cd/best_layer``).
 """
@@ -238,8 +238,9 @@ def format_onsets(layer: int, onsets: Sequence[ConceptOnset], curve: DecodingCur
 def merge_by_step(tables: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:
     """Rows of several sparse tables merged into one row per step, in step order (later tables win).
 
-    Lightning's ``metrics.csv`` writes training and validation metrics of one step on separate rows, and a
-    resumed run continues in a new ``version_N`` directory; merging gives one curve per metric.
+    Lightning's own CSVLogger writes training and validation metrics of one step on separate rows, and runs
+    resumed by earlier lcd versions have one file per part (``version_0``, ``version_1``, ...); lcd's
+    CSVLogger writes one row per step to one file, resumed or not. Merging gives one curve per metric.
     """
     merged: dict[int, dict[str, float]] = {}
     for table in tables:
@@ -268,8 +269,9 @@ def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
         "--decoding",
         nargs="+",
         metavar="METRICS_CSV",
-        help="read the decoding curves from these Lightning metrics.csv files (a resumed run's versions in "
-        "order); default curve: the model's tail error over LASSO's, decoded when at most 1",
+        help="read the decoding curves from these Lightning metrics.csv files (a fit's csv/version_0/metrics.csv; "
+        "runs resumed by earlier lcd versions: their versions in order); default curve: the model's tail error "
+        "over LASSO's, decoded when at most 1",
     )
     parser.add_argument(
         "--decoding-key", help="column of concept k's decoding curve, {k} for the id (replaces the default curve)"
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
     args = parser.parse_args(argv)
     files = [Path(args.history), *map(Path, args.decoding or [])]
     if missing := [str(f) for f in files if not f.is_file()]:
-        parser.error(f"not a file: {', '.join(missing)}; pass a run's cd_history.csv (and csv/version_*/metrics.csv)")
+        parser.error(f"not a file: {', '.join(missing)}; pass a run's cd_history.csv (and csv/version_0/metrics.csv)")
     default = BEATS_LASSO if args.decoding else PROBE_LOSS
     try:
         if args.decoding_key or args.reference_key:

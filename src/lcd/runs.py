@@ -1,12 +1,171 @@
-"""Rebuild a finished run from its directory: the saved ``config.yaml`` and a checkpoint's weights."""
+"""Run directories: load checkpoints safely, guard a directory against a second run, rebuild a finished run.
+
+Checkpoints are loaded only with ``torch.load(weights_only=True)``, which unpickles tensors and plain data
+(dicts, lists, numbers, strings) and refuses anything else, so a crafted file cannot run code when it is
+loaded; lcd's own checkpoints (weights, optimizer state, loop counters, callback states such as the CD
+history, hyperparameters saved by LightningCLI) contain only such data. A checkpoint is also checked for
+truncation and corruption before a resume starts (:func:`check_checkpoint`).
+
+A run directory (``trainer.default_root_dir``) belongs to one run: :class:`RunLock` keeps a second process
+out while a run uses it, and :func:`run_outputs` lists what an earlier run left there, so that a fresh
+``lcd fit`` refuses to replace it (see :mod:`lcd.cli`).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pickle
+import re
+import shutil
+import socket
+import time
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import yaml
+
+LOCK_FILE = ".lock"
+OUTPUTS = (
+    "checkpoints",
+    "csv",
+    "wandb",
+    "plots",
+    "cd_history.csv",
+    "cd_onsets.txt",
+    "adapter",
+    "merged",
+    "cd_checkpoints",
+    "lightning_logs",
+    "wandb_run_id.txt",
+    "config.yaml",
+)
+"""Names an lcd run writes in its run directory (moved aside together by :func:`move_outputs_aside`)."""
+
+_LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")  # Lightning's last.ckpt, last-v1.ckpt
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unsafe to load, truncated or otherwise unreadable."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle holds objects other than tensors and plain data (it would run code)."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A truncated, corrupted or non-checkpoint file."""
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that this command must not use (in use, or holding another run's outputs)."""
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        UnsafeCheckpointError: if the pickle holds anything but tensors and plain data (nothing of it ran).
+        UnreadableCheckpointError: if the file is truncated, corrupted or not a PyTorch checkpoint.
+
+    """
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise UnsafeCheckpointError(
+                f"{path} was refused: it holds objects other than tensors and plain data, and loading it would "
+                f"run code it contains ({_refused_global(err)}; lcd loads checkpoints only with "
+                "torch.load(weights_only=True))."
+            ) from None
+        raise UnreadableCheckpointError(f"{path} is truncated or unreadable ({_reason(err)}).") from err
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise UnreadableCheckpointError(f"{path} is truncated or unreadable ({_reason(err)}).") from err
+
+
+def _refused_global(err: Exception) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the class or function the pickle wanted
+    return f"it wanted {found.group(1)}" if found else str(err).strip().splitlines()[-1]
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def check_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """Verify that a checkpoint is complete and safe, and return its contents.
+
+    PyTorch checkpoints are zip archives: a truncated file has no central directory, and a corrupted one
+    fails the CRC of one of its members (``torch.load`` alone does not check CRCs). The contents are then
+    loaded as by :func:`load_checkpoint`.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        UnsafeCheckpointError: see :func:`load_checkpoint`.
+        UnreadableCheckpointError: if the file is truncated, corrupted or not a PyTorch checkpoint.
+
+    """
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if zipfile.is_zipfile(path):  # every checkpoint torch.save writes; older formats go straight to torch.load
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise UnreadableCheckpointError(f"{path} is truncated or unreadable ({_reason(err)}).") from err
+        if bad is not None:
+            raise UnreadableCheckpointError(f"{path} is corrupted (archive member {bad} fails its CRC check).")
+    else:
+        with path.open("rb") as f:
+            if f.read(2) == b"PK":  # a zip archive whose end (the central directory) is missing
+                raise UnreadableCheckpointError(f"{path} is truncated or unreadable (an incomplete zip archive).")
+    return load_checkpoint(path)
+
+
+def last_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest ``last*.ckpt`` in ``ckpt_dir``, as Lightning resolves ``ckpt_path="last"``; ``None`` if none."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    candidates = [p for p in ckpt_dir.iterdir() if p.is_file() and _LAST.match(p.name)]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def newest_intact_checkpoint(ckpt_dir: str | Path, skip: str | Path | None = None) -> tuple[Path, int] | None:
+    """The newest (by modification time) checkpoint in ``ckpt_dir`` that passes :func:`check_checkpoint`.
+
+    Args:
+        ckpt_dir: Directory of ``*.ckpt`` files.
+        skip: A file not to consider (the one already found broken).
+
+    Returns:
+        (path, global step), or ``None`` when no checkpoint there is intact.
+
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    skipped = Path(skip).resolve() if skip is not None else None
+    files = [p for p in ckpt_dir.glob("*.ckpt") if p.is_file() and p.resolve() != skipped]
+    for path in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            saved = check_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path, int(saved.get("global_step", -1))
+    return None
 
 
 def load_weights(model: L.LightningModule, ckpt: str | Path) -> int:
@@ -14,11 +173,10 @@ def load_weights(model: L.LightningModule, ckpt: str | Path) -> int:
 
     Raises:
         FileNotFoundError: if the checkpoint does not exist.
+        CheckpointError: if it is unsafe to load or unreadable (see :func:`load_checkpoint`).
 
     """
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"{ckpt} does not exist.")
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(ckpt)
     model.load_state_dict(saved["state_dict"])
     return int(saved.get("global_step", -1))
 
@@ -28,6 +186,7 @@ def load_run(config: str | Path, ckpt: str | Path | None) -> tuple[L.LightningMo
 
     Raises:
         FileNotFoundError: if the config or checkpoint does not exist.
+        CheckpointError: if the checkpoint is unsafe to load or unreadable.
 
     """
     from jsonargparse import ArgumentParser
@@ -45,3 +204,109 @@ def load_run(config: str | Path, ckpt: str | Path | None) -> tuple[L.LightningMo
     if ckpt is not None:
         load_weights(model, ckpt)
     return model.eval(), data
+
+
+# --- run directories ---------------------------------------------------------------------------------------
+
+
+def run_outputs(root: str | Path) -> list[str]:
+    """What an earlier run left in ``root`` that a fresh run would replace (names relative to ``root``).
+
+    Counted: checkpoint files, ``cd_history.csv``, CSV metrics, W&B run directories, plots, a saved adapter
+    or merged model. A ``config.yaml`` or W&B id alone (left by a run that failed before it logged anything)
+    is not a run's output.
+    """
+    root = Path(root)
+    found = [
+        *(f"checkpoints/{p.name}" for p in sorted((root / "checkpoints").glob("*.ckpt"))),
+        *(name for name in ("cd_history.csv", "cd_onsets.txt") if (root / name).is_file()),
+        *(str(p.relative_to(root)) for p in sorted((root / "csv").glob("*/metrics.csv"))),
+        *(str(p.relative_to(root)) for p in sorted((root / "wandb").glob("*run-*")) if p.is_dir()),
+        *(f"plots/{p.name}" for p in sorted((root / "plots").glob("*.png"))),
+        *(name for name in ("adapter", "merged", "lightning_logs") if (root / name).exists()),
+    ]
+    return found
+
+
+def move_outputs_aside(root: str | Path) -> Path | None:
+    """Move every lcd output in ``root`` (:data:`OUTPUTS`) into ``root/replaced-<date>-<time>/``.
+
+    Nothing is deleted; other files in ``root`` stay where they are.
+
+    Returns:
+        The directory the outputs went to, or ``None`` when there was nothing to move.
+
+    """
+    root = Path(root)
+    present = [name for name in OUTPUTS if (root / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = root / f"replaced-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = root / f"replaced-{stamp}-{n}"
+    aside.mkdir()
+    for name in present:
+        shutil.move(str(root / name), str(aside / name))
+    return aside
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by one process (``fcntl.flock`` on ``<root>/.lock``).
+
+    The operating system releases it when the process exits, however it exits (also on ``kill -9``), so a
+    stale lock never blocks a later run. The lock file records who holds it. A directory that the lock
+    created and that holds nothing else when it is released (a command that failed before writing
+    anything) is removed again.
+
+    Args:
+        root: The run directory (created if missing).
+
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._fd: int | None = None
+        self._created = False
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            RunDirectoryError: if another process holds it (the message names that process).
+
+        """
+        self._created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirectoryError(
+                f"{self.root} is in use by another process ({holder}); wait for it to finish, or choose another "
+                "--trainer.default_root_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (the lock file stays, empty of meaning until the next holder writes it)."""
+        if self._fd is None:
+            return
+        if self._created and [p.name for p in self.root.iterdir()] == [LOCK_FILE]:
+            (self.root / LOCK_FILE).unlink()
+            self.root.rmdir()
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None

@@ -98,8 +98,14 @@ class ConceptDecodability(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Score the starting point (skipped when a resumed history already has this step).
 
-        ``on_train_start`` rather than ``on_fit_start``: only here is a resumed step counter restored.
+        ``on_train_start`` rather than ``on_fit_start``: only here is a resumed step counter restored. A
+        resumed run logs the checkpoint's own evaluation again: the loggers hold a step's row until a later
+        step is logged, so an interruption right after the checkpoint may have kept it from them (W&B and
+        the CSV keep one copy of a step).
         """
+        if self.history and self.history[-1]["step"] == trainer.global_step and trainer.is_global_zero:
+            self._log_row(trainer, self.history[-1])
+            self._write_csv(trainer)
         self._maybe_evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -167,9 +173,7 @@ class ConceptDecodability(L.Callback):
         best = int(result["cd"].argmax())
         self.history.append(row)
         if trainer.is_global_zero:
-            metrics = {key: value for key, value in row.items() if key != "step"}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            self._log_row(trainer, row)
             self._write_csv(trainer)
             save_figure(trainer, plot_cd_heatmap(self.history, self._layers), "cd_heatmap")
             if snapshot:
@@ -186,6 +190,11 @@ class ConceptDecodability(L.Callback):
                 features[self._layers.index(layer)], labels, self.snapshot_method, layer, trainer.global_step
             )
             save_figure(trainer, fig, f"snapshot_layer{layer:02d}_step{trainer.global_step:07d}")
+
+    def _log_row(self, trainer: L.Trainer, row: dict[str, float]) -> None:
+        metrics = {key: value for key, value in row.items() if key != "step"}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=int(row["step"]))
 
     def _write_csv(self, trainer: L.Trainer) -> None:
         # Rewritten whole each time, so it always matches the checkpointed history.
