@@ -1,9 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import DEBUG, TINY_SYNTHETIC, config
 from sklearn.model_selection import LeaveOneOut, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from tiny_lm import save_tiny_lm
 
+from lcd.callbacks import ConceptDecodability
+from lcd.cli import main
 from lcd.decodability import (
     ConceptDecodabilityMetric,
     chance_level,
@@ -226,6 +230,8 @@ def test_unknown_distance_is_refused(distance):
         concept_decodability(x, y, distance=distance)
     with pytest.raises(ValueError, match="distance must be one of"):
         ConceptDecodabilityMetric(distance=distance)
+    with pytest.raises(ValueError, match="ConceptDecodability distance must be one of"):
+        ConceptDecodability(distance=distance)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e20, 1e30])
@@ -234,6 +240,41 @@ def test_magnitude_changes_nothing(scale):
     # now centred and scaled by a power of two first, so the answer is computed, not refused.
     x, y = concepts()
     assert knn_loo_predictions(x * scale, y).tolist() == sklearn_loo(x, y)
+
+
+def test_callback_refuses_k_above_the_probe_set_before_training(tmp_path, capsys):
+    cpu = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml", "callbacks/concept_decodability.yaml")
+    args = ["fit", *cpu, "--config", DEBUG, *TINY_SYNTHETIC, f"--trainer.default_root_dir={tmp_path}"]
+    # The datamodule's default probe set: 5 prompts per concept, the callback's k = 10.
+    with pytest.raises(ValueError, match=r"ConceptDecodability k=10 is too large.*probe_per_concept.*at least 11"):
+        main([*args, "--trainer.callbacks.probe_per_concept=null", "--data.init_args.probe_per_concept=5"])
+    assert not (tmp_path / "checkpoints").exists() and not list(tmp_path.rglob("*.ckpt"))  # no step was taken
+    # The callback's own probe set: refused when the callback is built.
+    with pytest.raises(
+        ValueError, match=r"k=10 is too large.*set ConceptDecodability probe_per_concept to at least 11"
+    ):
+        main([*args, "--trainer.callbacks.probe_per_concept=4"])
+    with pytest.raises(SystemExit):  # YAML / command line: jsonargparse's Literal check
+        main([*args, "--trainer.callbacks.distance=Cosine"])
+    assert "distance" in capsys.readouterr().err
+
+
+def test_probe_refuses_k_above_n_per_concept_before_loading_the_model(tmp_path, monkeypatch):
+    from lcd.lit.probe import LitProbe
+    from lcd.models.hf import CausalLMSpec
+
+    def load(self):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(LitProbe, "load", load)
+    model_dir = save_tiny_lm(tmp_path / "model", "llama")
+    args = ["validate", *config("configs/llm/probe.yaml", "configs/llm/tasks/bitwise.yaml", "configs/llm/debug.yaml")]
+    args += [f"--model.init_args.lm.name={model_dir}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    # configs/llm/debug.yaml: 4 prompts per class (Null too), so k = 4 is one too many.
+    with pytest.raises(ValueError, match=r"model k=4 is too large.*n_per_concept.*at most 3.*at least 5"):
+        main([*args, "--model.init_args.k=4"])
+    with pytest.raises(ValueError, match="model distance must be one of"):
+        LitProbe(lm=CausalLMSpec(str(model_dir)), distance="manhattan")
 
 
 def test_metric_accumulates_batches():
