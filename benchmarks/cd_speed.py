@@ -3,7 +3,9 @@
 Data: 1,300 points (13 concepts x 100) x 640 dims x 18 layers of random float32 features with planted
 concept structure whose strength rises and falls with depth (so CD spans chance .. ~1).
 
-Timed (same thread count for torch, numpy's BLAS and sklearn's OpenMP, set with threadpoolctl):
+Timed (same thread count for torch, numpy's BLAS and sklearn's OpenMP, set with threadpoolctl; the methods
+take turns, repeat after repeat, so load from other processes hits them alike; wall-clock median and
+minimum, and the minimum CPU time of this process, which other processes disturb less):
 
 - lcd: one call of ``lcd.decodability.concept_decodability`` on the (18, 1300, 640) tensor.
 - scikit-learn's fastest leave-one-out route, per layer, summed over the 18 layers:
@@ -102,23 +104,42 @@ def alternatives(feats: torch.Tensor, labels: torch.Tensor, k: int, repeats: int
         "centred, float64 syrk, no certificate": lambda x: centred_gram_predictions(x, labels, k, torch.float64),
         "lcd: centred, float32 syrk, certified": lambda x: knn_loo_predictions(x, labels, k),
     }
-    print(f"\n{'formulation':<42} {'median s':>9} {'min s':>8}   wrong predictions (of {feats[:, :, 0].numel()})")
+    print(f"\nwrong predictions (of {feats[:, :, 0].numel()}) on the offset and massive-dimension variants:")
     for name, fn in methods.items():
-        times, _ = timed(lambda fn=fn: fn(feats), repeats)
         wrong = ", ".join(f"{case} {int((fn(x).numpy() != references[case]).sum())}" for case, x in cases.items())
-        print(f"{name:<42} {statistics.median(times):9.3f} {min(times):8.3f}   {wrong}")
+        print(f"{name:<42} {wrong}")
+    timings = {name: (lambda fn=fn: fn(feats)) for name, fn in methods.items()}
     for case, x in cases.items():
-        times, _ = timed(lambda x=x: knn_loo_predictions(x, labels, k), repeats)
-        print(f"{'lcd on ' + case:<42} {statistics.median(times):9.3f} {min(times):8.3f}")
+        timings[f"lcd on the {case} variant"] = lambda x=x: knn_loo_predictions(x, labels, k)
+    results = interleaved(timings, repeats)
+    print_times(results, "lcd: centred, float32 syrk, certified")
 
 
-def timed(fn, repeats: int) -> tuple[list[float], object]:
-    times, out = [], None
+def interleaved(fns: dict[str, object], repeats: int) -> dict[str, tuple[list[float], list[float], object]]:
+    """Time each function ``repeats`` times, round-robin, so a burst of load from elsewhere hits all alike.
+
+    Returns:
+        name -> (wall-clock seconds, CPU seconds of this process, last output).
+
+    """
+    walls: dict[str, list[float]] = {name: [] for name in fns}
+    cpus: dict[str, list[float]] = {name: [] for name in fns}
+    outs: dict[str, object] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return times, out
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            outs[name] = fn()
+            cpus[name].append(time.process_time() - cpu)
+            walls[name].append(time.perf_counter() - wall)
+    return {name: (walls[name], cpus[name], outs[name]) for name in fns}
+
+
+def print_times(results: dict[str, tuple[list[float], list[float], object]], reference: str) -> None:
+    ref = statistics.median(results[reference][0])
+    print(f"\n{'method':<50} {'median s':>9} {'min s':>8} {'min CPU s':>10} {'runs':>5} {'median / lcd':>13}")
+    for name, (walls, cpus, _) in results.items():
+        med = statistics.median(walls)
+        print(f"{name:<50} {med:9.3f} {min(walls):8.3f} {min(cpus):10.3f} {len(walls):5d} {med / ref:12.2f}x")
 
 
 def agreement(name: str, feats: torch.Tensor, labels: torch.Tensor, k: int, per_layer: bool = False) -> None:
@@ -176,8 +197,7 @@ def main() -> None:
     parser.add_argument("--per-concept", type=int, default=100)
     parser.add_argument("--dim", type=int, default=640)
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of lcd (after one warm-up)")
-    parser.add_argument("--sklearn-repeats", type=int, default=5, help="timed repeats of each sklearn route")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each method (interleaved)")
     parser.add_argument("--skip-cv", action="store_true", help="skip the slow cross_val_predict(LeaveOneOut) baseline")
     parser.add_argument("--agreement", action="store_true", help="also score planted offsets and massive dimensions")
     parser.add_argument("--gemma", action="store_true", help="also score Gemma 3 270M's residual streams")
@@ -198,15 +218,25 @@ def main() -> None:
     limits = ", ".join(sorted({f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info()}))
     print(f"threads: torch {torch.get_num_threads()}, {limits}; cpus {os.cpu_count()}; load {os.getloadavg()[0]:.1f}")
 
-    concept_decodability(feats, labels, args.k)  # warm-up
-    lcd_times, cd_lcd = timed(lambda: concept_decodability(feats, labels, args.k), args.repeats)
-
     def sklearn_all(x: np.ndarray) -> np.ndarray:
         return np.stack([sklearn_loo_predictions(layer, y_np, args.k) for layer in x])  # (L, N)
 
-    sklearn_all(x32[:1])  # warm-up
-    sk32_times, pred32 = timed(lambda: sklearn_all(x32), args.sklearn_repeats)
-    sk64_times, pred64 = timed(lambda: sklearn_all(x64), args.sklearn_repeats)
+    concept_decodability(feats, labels, args.k)  # warm-ups
+    sklearn_all(x32[:1])
+    lcd_name, sk32_name, sk64_name = (
+        "lcd concept_decodability, all layers",
+        "sklearn NearestNeighbors.kneighbors(), float32",
+        "sklearn NearestNeighbors.kneighbors(), float64",
+    )
+    results = interleaved(
+        {
+            lcd_name: lambda: concept_decodability(feats, labels, args.k),
+            sk32_name: lambda: sklearn_all(x32),
+            sk64_name: lambda: sklearn_all(x64),
+        },
+        args.repeats,
+    )
+    lcd_times, pred32, pred64 = results[lcd_name][0], results[sk32_name][2], results[sk64_name][2]
 
     ours = knn_loo_predictions(feats, labels, args.k).numpy()
     mismatch = (ours != pred64).sum(1)
@@ -215,28 +245,19 @@ def main() -> None:
         f"predictions: lcd = sklearn float64 on all {n_layers * n}; "
         f"sklearn on the float32 copy differs on {(pred32 != pred64).sum()}"
     )
-    cd_lcd = cd_lcd.double().numpy()
-    print("CD per layer:", " ".join(f"{v:.3f}" for v in cd_lcd))
+    print("CD per layer:", " ".join(f"{v:.3f}" for v in results[lcd_name][2].double().numpy()))
 
-    rows = [
-        ("lcd concept_decodability, all layers", lcd_times),
-        ("sklearn NearestNeighbors.kneighbors(), float32", sk32_times),
-        ("sklearn NearestNeighbors.kneighbors(), float64", sk64_times),
-    ]
     if not args.skip_cv:
         mid = n_layers // 2
-        cv_times, cv_pred = timed(
-            lambda: cross_val_predict(KNeighborsClassifier(args.k), x64[mid], y_np, cv=LeaveOneOut()), 1
-        )
+        wall, cpu = time.perf_counter(), time.process_time()
+        cv_pred = cross_val_predict(KNeighborsClassifier(args.k), x64[mid], y_np, cv=LeaveOneOut())
+        cv = ([(time.perf_counter() - wall) * n_layers], [(time.process_time() - cpu) * n_layers], None)
         assert (cv_pred == ours[mid]).all(), f"layer {mid}: cross_val_predict and lcd differ"
-        rows.append((f"sklearn cross_val_predict LOO (layer {mid} x{n_layers})", [t * n_layers for t in cv_times]))
+        results[f"sklearn cross_val_predict LOO (layer {mid} x{n_layers})"] = cv
+    print_times(results, lcd_name)
 
     lcd_med, lcd_min = statistics.median(lcd_times), min(lcd_times)
-    print(f"\n{'method':<50} {'median s':>9} {'min s':>8} {'runs':>5} {'median / lcd':>13}")
-    for name, times in rows:
-        med = statistics.median(times)
-        print(f"{name:<50} {med:9.3f} {min(times):8.3f} {len(times):5d} {med / lcd_med:12.2f}x")
-    sk_times = min(sk32_times, sk64_times, key=statistics.median)  # sklearn's faster route
+    sk_times = min(results[sk32_name][0], results[sk64_name][0], key=statistics.median)  # sklearn's faster route
     ratio_med, ratio_min = statistics.median(sk_times) / lcd_med, min(sk_times) / lcd_min
     print(
         f"\nlcd: {lcd_med:.3f} s median, {lcd_min:.3f} s min (target < 1 s: {'PASS' if lcd_med < 1 else 'FAIL'}); "

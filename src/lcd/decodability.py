@@ -7,8 +7,9 @@ accuracy is pooled over all points of all concepts. Chance is ``1 / n_classes``.
 Conventions (documented because the paper leaves them open):
 - Distance: Euclidean by default; ``cosine`` uses 1 - cosine similarity (Euclidean distance of the
   vectors normalised in float64, which ranks neighbours identically).
-- Exactness: the neighbours are those of an exact float64 evaluation of sum_k (x_ik - x_jk)^2, so the
-  predictions equal scikit-learn's float64 ``KNeighborsClassifier`` under ``LeaveOneOut`` (see below).
+- Exactness: the neighbours are those of a float64 evaluation of sum_k (x_ik - x_jk)^2, so the
+  predictions equal scikit-learn's float64 ``KNeighborsClassifier`` under ``LeaveOneOut`` (up to that
+  library's own float64 rounding, which only 1e-13-close distances could notice; see below).
 - Ties in distance (e.g. duplicate points): the neighbour with the lower index comes first.
 - Ties in the vote: the smallest label wins, as in scikit-learn's ``KNeighborsClassifier``.
 - Every concept needs more than k points: a point's own concept can supply at most size - 1 of its k
@@ -16,28 +17,31 @@ Conventions (documented because the paper leaves them open):
 
 How the distances stay exact and fast. Residual streams of LLMs carry a large component shared by all
 prompts and a few massive dimensions: Gemma 3 270M's layer 0 has vectors of norm ~1,300 whose pairwise
-distances are ~0.3. The textbook float32 expansion |x_i|^2 - 2 x_i.x_j + |x_j|^2 then cancels away
-every significant digit (79 of 105 predictions wrong on that layer). So each layer is
+distances are ~0.3. The textbook float32 expansion |x_i|^2 - 2 x_i.x_j + |x_j|^2 (this module's until
+issue 18) cancels away every significant digit there (79 of 105 predictions wrong). So each layer is
 
-1. centred (distances are translation-invariant, so the shared component goes away exactly) and
-   scaled by a power of two (exact; nothing over- or underflows whatever the input's magnitude);
-2. ranked by one float32 Gram matrix (a BLAS syrk on the CPU: half the flops of a GEMM), and each
-   point's k nearest are *certified* with a rigorous forward-error bound of that arithmetic
-   (|error| <= gamma_d |y_i| |y_j| for any summation order, plus the roundings around it, plus the
-   rounding of the float64 reference itself): the set is accepted when the k-th neighbour's upper
-   bound lies below every other point's lower bound;
-3. rows the float32 bound cannot certify (massive dimensions that survive centring, near-ties) are
-   redone against all points with a float64 Gram matrix and its own bound, and rows still uncertain
-   (exact or 1e-13-close ties) are settled by the direct float64 sum of squared differences over the
-   few candidates the bound leaves, ties by lower index.
+1. centred (distances are translation-invariant, so the shared component goes away) and scaled by a
+   power of two (exact; nothing over- or underflows, whatever the features' magnitude);
+2. ranked by one float32 Gram matrix (BLAS syrk on the CPU: half the flops of a GEMM), and each point's
+   k nearest are *certified* with a rigorous forward-error bound of that arithmetic (gamma_d |y_i| |y_j|
+   for the dot product in any summation order, plus the roundings around it and the float64 reference's
+   own): the set stands when the k-th neighbour's upper bound lies below every other point's lower bound;
+3. rows the float32 bound cannot certify (massive dimensions that survive centring, near-ties: ~5% of
+   random data) are redone against all points with a float64 Gram matrix and its bound, and rows still
+   open (exact or 1e-13-close ties) are settled by the direct float64 sum over the few candidates the
+   bound leaves, ties to the lower index.
 
-Measured on this CPU (2-core AMD EPYC, one thread, 18 layers x 1,300 points x 640 dims; see
-``benchmarks/cd_speed.py``): float32 batched GEMM (the old formulation) 0.80 s and wrong on offset
-features; float64 GEMM 1.35 s (torch) or 0.46 s (numpy syrk) plus a float64 top-k 0.21 s; float32
-syrk 0.26 s plus a float32 top-k 0.10 s, hence the certified float32 route. Centring alone (float32)
-still got 3-140 of 210 predictions wrong on planted massive dimensions; the certificate catches them.
-On the CPU the Gram matrices come from numpy (OpenBLAS), ~2x faster than torch's MKL here; on a
-GPU, torch with TF32 switched off for the call (the bound assumes true float32 products).
+The result is the float64 reference's exactly for float32 (or narrower) features; for float64 features
+up to float64's own rounding. Measured with ``benchmarks/cd_speed.py --threads 1 --alternatives`` (18
+layers x 1,300 points x 640 dims, one thread of a shared 2-core AMD EPYC, medians of 7 interleaved
+runs): the float32 expansion 0.90 s, wrong on 21,399 of 23,400 predictions with a 1e4 offset and 11,848
+with three massive dimensions (0 / 1e4 / 2e4 per point); centring plus float32 syrk 0.45 s, still wrong
+on 1 and 10,967 of them; centring plus float64 syrk 0.71 s, right on both but with no guarantee; this
+route 0.54 s and provably right (1.1 s on the massive-dimension data, where every row needs float64),
+against 1.16 s for scikit-learn's fastest leave-one-out route (``NearestNeighbors.kneighbors()``). On
+the CPU the Gram matrices come from numpy's OpenBLAS (float32 syrk of all 18 layers 0.26 s, against 0.80 s
+for torch's batched MKL GEMM on this AMD CPU); on a GPU from torch, with TF32 switched off for the call
+since the bound assumes true float32 products.
 
 Everything else here is plain torch (CPU or GPU) except the optional scikit-learn linear probe.
 """
@@ -45,6 +49,7 @@ Everything else here is plain torch (CPU or GPU) except the optional scikit-lear
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -184,25 +189,39 @@ def _gram(a: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
             matmul.allow_tf32 = previous
 
 
-def _centre(x: torch.Tensor, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer (N, d) centred and scaled by a power of two: (float32 working copy, float64 copy).
+def _centre(x: torch.Tensor, distance: str) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """One layer (N, d) centred and scaled by a power of two: float32 copy, and a function giving a float64 one.
 
-    Distances are translation-invariant, so any centre works; the mean takes the shared component away. It
-    is kept in ``x``'s dtype, so that for float32 ``x`` the float64 copy is exact (a difference of two
-    float32 numbers) and its distances are exactly those of ``x`` times ``scale**2``.
+    The float64 copy is needed only where the float32 bound cannot decide. Distances are translation-invariant,
+    so any centre works; the mean takes the shared component away. It is kept in ``x``'s dtype, so that for
+    float32 ``x`` the float64 copy is exact (a difference of two float32 numbers), its distances exactly those
+    of ``x`` times ``scale**2``, and the float32 copy that difference rounded once.
     """
     if distance == "cosine":
         x = torch.nn.functional.normalize(x.double(), dim=-1)
     elif x.dtype not in (torch.float32, torch.float64):
         x = x.float() if x.is_floating_point() else x.double()  # exact for bf16 / fp16 and integers < 2**53
-    exact = (x.double() - x.mean(0).double()).contiguous()  # (N, d)
-    low, high = torch.aminmax(exact)
+    centre = x.mean(0)  # (d,)
+    if x.dtype == torch.float32:
+        y = x - centre  # the exact difference, rounded once (exact where it is subnormal)
+        scale = _power_of_two_scale(y)
+        if scale is not None:  # else the difference overflowed float32: take the float64 route
+            return y.mul_(scale), lambda: x.double().sub_(centre.double()).mul_(scale)
+    exact = x.double().sub_(centre.double())  # (N, d); a copy even for float64 x (cosine: already one)
+    scale = _power_of_two_scale(exact)
+    if scale is None:
+        raise ValueError("features overflow float64 when centred (|x| near 1e308): divide them by a large constant.")
+    exact.mul_(scale)
+    return exact.float(), lambda: exact
+
+
+def _power_of_two_scale(x: torch.Tensor) -> float | None:
+    """2**-e bringing max |x| into [0.5, 1), so no square overflows float32 (1.0 for all zeros; None if inf)."""
+    low, high = torch.aminmax(x)
     top = max(-low.item(), high.item())
     if not math.isfinite(top):
-        raise ValueError("features overflow float64 when centred (|x| near 1e308): divide them by a large constant.")
-    scale = 2.0 ** -math.frexp(top)[1] if top > 0 else 1.0  # |values| in [0.5, 1): no overflow in float32 squares
-    exact *= scale
-    return exact.float(), exact
+        return None
+    return 2.0 ** -math.frexp(top)[1] if top > 0 else 1.0
 
 
 def _certify(
@@ -244,9 +263,9 @@ def _settle(exact: torch.Tensor, rows: torch.Tensor, k: int, chunk_size: int) ->
 
     """
     n, d = exact.shape
-    sq = (exact * exact).sum(-1)  # (N,) |x_j|^2, relative error gamma_d
-    norms = sq.sqrt()
-    sq_err = _gamma(d, _U64)
+    norms = torch.linalg.vector_norm(exact, dim=-1)  # (N,)
+    sq = norms.square()  # |x_j|^2: relative error gamma_d of the sum, plus the sqrt and the square
+    sq_err = _gamma(d + 3, _U64)
     out = torch.empty(len(rows), k, dtype=torch.long, device=exact.device)
     for start in range(0, len(rows), chunk_size):
         block = rows[start : start + chunk_size]  # (c,)
@@ -268,12 +287,12 @@ def _loo_neighbours(x: torch.Tensor, k: int, distance: str, chunk_size: int) -> 
 
     The set (not its order) is that of the float64 reference; see the module docstring.
     """
-    y, exact = _centre(x, distance)  # (N, d) float32, float64
+    y, exact = _centre(x, distance)  # (N, d) float32, and a function giving the float64 copy
     n, d = y.shape
-    if not bool(exact.any()):  # all points coincide: every distance ties, so the lowest other indices win
+    norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float64)  # (N,)
+    if norms.max().item() == 0:  # all points coincide: every distance ties, so the lowest other indices win
         first = torch.arange(k, device=y.device)[None]  # (1, k)
         return first + (first >= torch.arange(n, device=y.device)[:, None]).long()  # skip the point itself
-    norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float64)  # (N,)
     sq = norms.square().float()  # |y_j|^2: summed in float64, so its only real error is float32's rounding
     out = torch.empty(n, k, dtype=torch.long, device=y.device)
     open_rows = []
@@ -282,12 +301,12 @@ def _loo_neighbours(x: torch.Tensor, k: int, distance: str, chunk_size: int) -> 
         rows = torch.arange(start, stop, device=y.device)
         # |y_j|^2 - 2 y_i.y_j: the squared distance less |y_i|^2 (constant per row, so the order is the same)
         r = _gram(y, slice(start, stop)).mul_(-2).add_(sq)  # (c, N)
-        r[rows - start, rows] = float("inf")  # leave one out: a point never votes for itself
+        r.diagonal(offset=start).fill_(float("inf"))  # leave one out: a point never votes for itself
         out[start:stop], proven = _certify(r, rows, norms, k, d, _U32, 1.01 * _U32)
         open_rows.append(rows[~proven])
     open_rows = torch.cat(open_rows) if open_rows else torch.arange(n, device=y.device)
     if len(open_rows):
-        out[open_rows] = _settle(exact, open_rows, k, chunk_size)
+        out[open_rows] = _settle(exact(), open_rows, k, chunk_size)
     return out
 
 
