@@ -68,6 +68,9 @@ def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
     assert "alien.ckpt does not fit the model" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="layer"):
         cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--layers", "2"])
+    with pytest.raises(SystemExit):  # the run's probe set has 12 prompts per concept
+        cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--k", "12"])
+    assert "--k=12 is too large" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.csv"))
 
 

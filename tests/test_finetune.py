@@ -19,7 +19,8 @@ from lcd.text_data import IGNORE_INDEX, encode_prompts
 
 BASE = config("configs/finetune/base.yaml", "configs/llm/tasks/bitwise.yaml")
 DEBUG = config("configs/finetune/debug.yaml")
-SMALL_CD = ["--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.probe_per_concept=4"]  # the CD callback
+# the CD callback, shrunk (k must stay below the prompts per concept)
+SMALL_CD = ["--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.probe_per_concept=4", "--trainer.callbacks.k=3"]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,8 @@ def test_resume_gives_the_same_adapter(tiny_gemma, tmp_path):
         "trainer:\n  callbacks:\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args: {every_n_train_steps: 2, save_last: true}\n"
-        "    - {class_path: lcd.callbacks.ConceptDecodability, init_args: {every_n_steps: 2, probe_per_concept: 4}}\n"
+        "    - class_path: lcd.callbacks.ConceptDecodability\n"
+        "      init_args: {every_n_steps: 2, probe_per_concept: 4, k: 3}\n"
     )
     no_dropout = "--model.init_args.method.init_args.dropout=0.0"  # dropout RNG is not part of a checkpoint
     common = ["--config", str(every2), no_dropout, "--optimizer.init_args.lr=0.01", "--data.init_args.n_train=32",
@@ -230,7 +232,8 @@ def test_compare_writes_the_table(tiny_gemma, tmp_path):
     from lcd.compare import main as compare_main
 
     out = tmp_path / "compare"
-    sets = [f"model.init_args.lm.name={tiny_gemma}", "trainer.callbacks.probe_per_concept=4", "trainer.max_steps=2"]
+    sets = [f"model.init_args.lm.name={tiny_gemma}", "trainer.callbacks.probe_per_concept=4", "trainer.callbacks.k=3",
+            "trainer.max_steps=2"]  # fmt: skip
     common = ["--task", "configs/llm/tasks/bitwise.yaml", "--model", "configs/llm/models/gemma3_270m.yaml",
               "--config", "configs/finetune/debug.yaml", "--out", str(out)]  # fmt: skip
     common += [a for s in sets for a in ("--set", s)]

@@ -86,15 +86,16 @@ def test_synthetic_matrix_own_mean_of_identical_prompts_changes_nothing():
     task = SparseRegressionTask(n_dims=8, n_concepts=4, rank=2, n_pairs=6)
     net = ICLTransformer(n_dims=8, n_pairs=6, n_layers=3, d_model=16, n_heads=2).eval()
     one = task.sample(4, torch.Generator().manual_seed(1), concept=torch.arange(4))
-    # each concept: one prompt repeated, so its mean activation *is* each of its activations
-    same = {k: v.repeat_interleave(3, 0) for k, v in one.items()}
+    # each concept: one prompt repeated, so its mean activation *is* each of its activations (11 copies: the CD
+    # reported beside the matrix is leave-one-out 10-NN, which needs more than 10 points per concept)
+    same = {k: v.repeat_interleave(11, 0) for k, v in one.items()}
     result = synthetic_patching_matrix(net, [same], [same], n_concepts=4, layer=1)
     assert result.delta.shape == (4, 4) and result.layer == 1
     assert result.delta.diagonal().abs().max() < 1e-5
     off = result.delta[~torch.eye(4, dtype=torch.bool)]
     assert (off.abs() > 1e-6).all()  # another basis's mean does move the query prediction
     with torch.no_grad():
-        direct = ((net(same["xs"], same["ys"])[:, -1] - same["ys"][:, -1]) ** 2).view(4, 3).mean(1)
+        direct = ((net(same["xs"], same["ys"])[:, -1] - same["ys"][:, -1]) ** 2).view(4, 11).mean(1)
     torch.testing.assert_close(result.base, direct)
 
 

@@ -35,7 +35,7 @@ import torch
 
 from lcd.activations import n_decoder_layers, resolve_layers
 from lcd.callbacks.decodability import history_row, write_history
-from lcd.decodability import Distance, layerwise_decodability, linear_probe_accuracy
+from lcd.decodability import Distance, check_knn_settings, layerwise_decodability, linear_probe_accuracy
 from lcd.errors import user_errors
 from lcd.plotting import plot_cd_history, save_png
 from lcd.runs import CheckpointError, load_run, load_weights
@@ -112,6 +112,17 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
     model, data = load_run(args.config, None)
     if not hasattr(model, "probe") or not hasattr(data, "probe_dataloader"):
         parser.error(f"{type(model).__name__} / {type(data).__name__} have no probe() / probe_dataloader().")
+    per_concept = args.probe_per_concept or getattr(data, "probe_per_concept", None)
+    try:
+        check_knn_settings(
+            args.k,
+            smallest_class=per_concept,
+            k_name="--k",
+            class_name="each concept of the probe set (--probe-per-concept or the run's probe_per_concept)",
+            grow="pass --probe-per-concept {n}",
+        )
+    except ValueError as err:
+        parser.error(str(err))
     layers = resolve_layers(args.layers, n_decoder_layers(model))
     batches = list(data.probe_dataloader(args.probe_per_concept))
     for position in args.position:

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 
 from lcd.activations import n_decoder_layers, resolve_layers
-from lcd.decodability import ConceptDecodabilityMetric, Distance
+from lcd.decodability import ConceptDecodabilityMetric, Distance, check_knn_settings
 from lcd.emergence import concept_onsets, format_onsets
 from lcd.plotting import plot_cd_heatmap, plot_cd_history, plot_snapshot, run_dir, save_figure
 
@@ -45,7 +45,8 @@ class ConceptDecodability(L.Callback):
         position: Which token to read, passed to ``pl_module.probe`` (``query``: the token right before
             the answer; the synthetic model also knows ``last_y``).
         probe_per_concept: Probe prompts per concept; ``None`` uses the datamodule's default (100).
-        k: Neighbours of the leave-one-out k-NN (the paper's 10).
+        k: Neighbours of the leave-one-out k-NN (the paper's 10); must be below the probe prompts per
+            concept (checked before training).
         distance: ``euclidean`` (default) or ``cosine``.
         snapshot_steps: Steps at which to save a 2-D view of the representations, coloured by concept.
         snapshot_layers: Layers shown in snapshots; ``None`` for the best layer at that step.
@@ -67,6 +68,7 @@ class ConceptDecodability(L.Callback):
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        check_knn_settings(k, distance, probe_per_concept, **_knn_names("ConceptDecodability probe_per_concept"))
         if snapshot_method == "umap":
             try:
                 import umap  # noqa: F401
@@ -88,6 +90,11 @@ class ConceptDecodability(L.Callback):
             raise TypeError(f"{type(pl_module).__name__} has no probe(batch, layers, position) method.")
         if not hasattr(trainer.datamodule, "probe_dataloader"):
             raise TypeError("ConceptDecodability needs a datamodule with probe_dataloader(n_per_concept).")
+        if self.probe_per_concept is None:  # the datamodule's default probe set (checked in __init__ otherwise)
+            option, size = _default_probe_size(trainer.datamodule)
+            check_knn_settings(
+                self.k, self.distance, size, **_knn_names(option, " (or the callback's probe_per_concept)")
+            )
         self._layers = resolve_layers(self.layers, n_decoder_layers(pl_module))
         self._probe_batches = None  # built on first use, then reused: the probe set is fixed
         if self.snapshot_layers is not None:
@@ -214,6 +221,24 @@ class ConceptDecodability(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the history of a resumed run."""
         self.history = list(state_dict.get("history", []))
+
+
+def _default_probe_size(datamodule: Any) -> tuple[str, int | None]:
+    """The datamodule option that sets its default probe set's prompts per concept (and Null), and its value."""
+    for name in ("probe_per_concept", "n_per_concept"):  # SyntheticICLDataModule, ICLTextDataModule
+        if isinstance(getattr(datamodule, name, None), int):
+            return f"data {name}", getattr(datamodule, name)
+    return "data probe_per_concept", None
+
+
+def _knn_names(option: str, alternative: str = "") -> dict[str, str]:
+    """Option names for :func:`~lcd.decodability.check_knn_settings`'s messages; ``option`` sets the probe size."""
+    return {
+        "k_name": "ConceptDecodability k",
+        "distance_name": "ConceptDecodability distance",
+        "class_name": f"each concept of the probe set ({option})",
+        "grow": f"set {option}{alternative} to at least {{n}}",
+    }
 
 
 def history_row(

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 from lcd.activations import resolve_layers
-from lcd.decodability import Distance, chance_level, concept_decodability, per_concept_decodability
+from lcd.decodability import Distance, chance_level, check_knn_settings, concept_decodability, per_concept_decodability
 from lcd.icl_eval import answer_budget, capture_and_generate, decode_answers, exact_match, linear_fit
 from lcd.models.hf import CausalLMSpec, LoadedLM
 from lcd.patching import PatchMode, llm_patching
@@ -47,7 +47,8 @@ class LitProbe(L.LightningModule):
     Args:
         lm: Which model to load (preset, hub name, directory or GGUF; dtype; device_map).
         layers: Layers to probe, 0-based (negative from the end); ``None`` for all.
-        k: Neighbours of the leave-one-out k-NN (the paper's 10).
+        k: Neighbours of the leave-one-out k-NN (the paper's 10); must be below the datamodule's
+            ``n_per_concept`` (checked before the model loads).
         distance: ``euclidean`` or ``cosine``.
         generate: Generate answers and score accuracy (``False``: CD only).
         patch_shots: Run mean-activation patching at this shot count (must be in ``eval_shots``);
@@ -75,6 +76,7 @@ class LitProbe(L.LightningModule):
         self.lm_spec.check()  # an unknown model or a missing file fails here, before any work
         if patch_mean_per_concept < 1:
             raise ValueError(f"patch_mean_per_concept must be >= 1, got {patch_mean_per_concept}.")
+        check_knn_settings(k, distance, k_name="model k", distance_name="model distance")
         self.save_hyperparameters(ignore=["lm"])
         self.hparams["lm"] = vars(self.lm_spec)
         self.layers, self.k, self.distance, self.generate = layers, k, distance, generate
@@ -104,11 +106,20 @@ class LitProbe(L.LightningModule):
         """Load the model, give the datamodule its tokenizer, and check every option against both."""
         if self.trainer.world_size > 1:
             raise ValueError("LitProbe runs in one process: set trainer.devices=1 (shard a big model: lm.device_map).")
-        loaded = self.load()
-        self._layers = resolve_layers(self.layers, loaded.n_layers)
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "set_tokenizer"):
             raise TypeError("LitProbe needs an lcd.text_data.ICLTextDataModule (data: class_path ...).")
+        check_knn_settings(  # before loading the model: every class (Null too) has n_per_concept prompts
+            self.k,
+            self.distance,
+            dm.n_per_concept,
+            k_name="model k",
+            distance_name="model distance",
+            class_name="each class of the evaluation set (data n_per_concept, Null included)",
+            grow="set data n_per_concept to at least {n}",
+        )
+        loaded = self.load()
+        self._layers = resolve_layers(self.layers, loaded.n_layers)
         dm.set_tokenizer(loaded.tokenizer)
         if self.patch_shots is not None:
             if self.patch_shots not in dm.eval_shots:
