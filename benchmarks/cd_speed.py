@@ -176,10 +176,10 @@ def planted_agreement(feats: torch.Tensor, labels: torch.Tensor, k: int) -> None
 
 
 def gemma_agreement(k: int) -> None:
-    from lcd.icl_eval import capture_and_generate
+    from lcd.data.text import ICLTextDataModule
+    from lcd.lit.generation import capture_and_generate
     from lcd.models.hf import load_causal_lm
     from lcd.tasks import BitwiseTask
-    from lcd.text_data import ICLTextDataModule
 
     lm = load_causal_lm("gemma3-270m")
     dm = ICLTextDataModule(BitwiseTask(), eval_shots=[4], n_per_concept=15)

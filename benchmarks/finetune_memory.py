@@ -48,12 +48,12 @@ def worker(condition: str, model_name: str, batch_size: int, steps: int, threads
     """Load, apply the method, train ``steps + 1`` steps; return the figures."""
     import torch
 
+    from lcd.data.text import encode_prompts
     from lcd.finetuning import FullFinetune, LoRA, count_parameters
     from lcd.layers import EarlyLayers, LateLayers
     from lcd.lit.finetune import LitFinetune
     from lcd.models.hf import CausalLMSpec
     from lcd.tasks import BitwiseTask, make_prompts
-    from lcd.text_data import encode_prompts
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

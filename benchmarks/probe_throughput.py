@@ -4,7 +4,7 @@ Prompts: 4-shot bitwise prompts (default 32, all concepts and Null) on Gemma 3 2
 
 - batched probe (lcd): left-padded batches; one forward per batch with :mod:`lcd.activations` hooks
   keeping every layer at the last prompt token only, the same pass filling the KV cache from which
-  ``generate`` continues greedily (:func:`lcd.icl_eval.capture_and_generate`).
+  ``generate`` continues greedily (:func:`lcd.lit.generation.capture_and_generate`).
 - naive: per prompt, ``model(..., output_hidden_states=True)`` (every layer, every position, and
   logits over the whole 262K vocabulary at every position), the last token taken from each layer,
   then a separate ``model.generate`` for the answer.
@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from lcd.icl_eval import answer_budget, capture_and_generate
+from lcd.data.text import encode_prompts
+from lcd.lit.generation import answer_budget, capture_and_generate
 from lcd.models.hf import load_causal_lm
 from lcd.tasks import BitwiseTask, make_prompts
-from lcd.text_data import encode_prompts
 
 
 def naive(model, tok, prompts, generate: bool) -> torch.Tensor:

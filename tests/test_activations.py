@@ -16,7 +16,6 @@ from lcd.activations import (
     find_decoder_layers,
     last_token_positions,
     patch_residual,
-    resolve_layers,
 )
 
 
@@ -118,14 +117,6 @@ def test_patch_changes_only_the_chosen_position_and_layer():
     with capture_residual(model, [1]) as added, patch_residual(model, 1, torch.tensor([2, 4]), value, mode="add"):
         model(input_ids=ids)
     torch.testing.assert_close(added[1][0, 2], before[1][0, 2] + 3.0)
-
-
-def test_resolve_layers():
-    assert resolve_layers(None, 4) == [0, 1, 2, 3]
-    assert resolve_layers([-1, 0], 4) == [0, 3]
-    assert resolve_layers(0, 4) == [0]
-    with pytest.raises(ValueError, match="out of range for a model with 4 layers"):
-        resolve_layers([4], 4)
 
 
 def test_capture_through_a_peft_wrapper():

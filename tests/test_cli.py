@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 
-from lcd.callbacks.decodability import read_history
+from lcd.analysis.onsets import concept_onsets, format_onsets
 from lcd.cli import main
-from lcd.emergence import concept_onsets, format_onsets
 from lcd.lit import LitPretrain
+from lcd.runs import read_history
 
 CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
 CD = config("callbacks/concept_decodability_last_y.yaml")  # as `make run`
@@ -37,7 +37,7 @@ def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
     assert [row["step"] for row in history] == [0, 2, 4]
     assert {"cd/layer_00", "cd/layer_01", "cd/best", "cd/best_layer", "cd/layer_01/concept_3"} <= history[0].keys()
     assert "probe/loss/concept_0" in history[0]
-    # The onset table at fit end is the one lcd.emergence reads from the saved history.
+    # The onset table at fit end is the one lcd.analysis.onsets reads from the saved history.
     assert (run_dir / "cd_onsets.txt").read_text() == format_onsets(*concept_onsets(history)) + "\n"
     assert all(0 <= row["cd/best"] <= 1 for row in history)
     rows = metrics_rows(run_dir)

@@ -7,21 +7,22 @@ import torch
 from conftest import DEBUG, TINY_SYNTHETIC, config
 
 from lcd.cli import make_cli
-from lcd.curriculum import ActiveDimsCurriculum, ConceptCurriculum
-from lcd.data import SyntheticICLDataModule, _generator
+from lcd.data import SyntheticICLDataModule
+from lcd.data.stream import batch_generator
 from lcd.schedules import WarmupCosineLR
 from lcd.tasks import SparseRegressionTask
-from lcd.tasks.sparse_regression import FunctionMixtureTask
+from lcd.tasks.synthetic.curriculum import ActiveDimsCurriculum, ConceptCurriculum
+from lcd.tasks.synthetic.sparse_regression import FunctionMixtureTask
 
 TASK = SparseRegressionTask(n_dims=8, n_concepts=4, rank=2, n_pairs=6)
 
 
 def batch(curriculum, index: int, size: int = 256) -> dict[str, torch.Tensor]:
-    return curriculum.sample(TASK, size, _generator(0, 0, index), index)
+    return curriculum.sample(TASK, size, batch_generator(0, 0, index), index)
 
 
 def plain(index: int, size: int = 256) -> dict[str, torch.Tensor]:
-    return TASK.sample(size, _generator(0, 0, index))
+    return TASK.sample(size, batch_generator(0, 0, index))
 
 
 def test_concept_curriculum_introduces_concepts_one_at_a_time():
@@ -60,7 +61,7 @@ def test_curricula_reject_bad_settings():
     with pytest.raises(ValueError, match="ramp_batches"):
         ActiveDimsCurriculum(hold_batches=5, ramp_batches=0)
     with pytest.raises(ValueError, match="mask"):
-        ActiveDimsCurriculum().sample(FunctionMixtureTask(n_dims=4, n_pairs=3), 2, _generator(0, 0, 0), 0)
+        ActiveDimsCurriculum().sample(FunctionMixtureTask(n_dims=4, n_pairs=3), 2, batch_generator(0, 0, 0), 0)
 
 
 def test_curriculum_stream_is_seeded_and_resumes_where_it_stopped():

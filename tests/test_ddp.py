@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 
-from lcd.callbacks.decodability import read_history
 from lcd.decodability import ConceptDecodabilityMetric
+from lcd.runs import read_history
 
 pytestmark = pytest.mark.slow
 

@@ -142,10 +142,10 @@ def test_duplicate_points_break_ties_by_lower_index():
 def test_gemma3_270m_residual_streams_give_float64_predictions():
     # One forward pass of 105 bitwise prompts (7 classes x 15, Null included, 4 shots). The old float32
     # formulation got 79 / 45 / 38 predictions of layers 0 / 1 / 2 wrong on exactly these features.
-    from lcd.icl_eval import capture_and_generate
+    from lcd.data.text import ICLTextDataModule
+    from lcd.lit.generation import capture_and_generate
     from lcd.models.hf import load_causal_lm
     from lcd.tasks import BitwiseTask
-    from lcd.text_data import ICLTextDataModule
 
     lm = load_causal_lm("gemma3-270m")
     dm = ICLTextDataModule(BitwiseTask(), eval_shots=[4], n_per_concept=15)

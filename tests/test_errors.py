@@ -11,10 +11,11 @@ import pytest
 from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 from tiny_lm import save_tiny_lm
 
-from lcd import cd_checkpoints, cli, compare, patch_synthetic
+from lcd import cli
+from lcd.analysis import compare, patch_matrix, rescore
 from lcd.cli import main
 from lcd.models.hf import CausalLMSpec
-from lcd.tasks.pos import POSTask, read_conllu
+from lcd.tasks.text.pos import POSTask, read_conllu
 
 SYNTHETIC = ["fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml"), "--config", DEBUG]
 CONLLU_OPTION = "--data.init_args.task.init_args.conllu_path"
@@ -181,13 +182,16 @@ def test_impossible_synthetic_setting(setting, message, run_dir, capsys):
 
 def test_analysis_tools_end_in_one_line(tmp_path, capsys):
     missing = str(tmp_path / "config.yaml")
-    line = last_error_line(["--config", missing], capsys, patch_synthetic.main)
-    assert line == f"python -m lcd.patch_synthetic: error: {missing} does not exist."
-    line = last_error_line(["--config", missing, "--ckpt", __file__], capsys, cd_checkpoints.main)
-    assert line == f"python -m lcd.cd_checkpoints: error: {missing} does not exist."
+    line = last_error_line(["--config", missing], capsys, patch_matrix.main)
+    assert line == f"python -m lcd.analysis.patch_matrix: error: {missing} does not exist."
+    line = last_error_line(["--config", missing, "--ckpt", __file__], capsys, rescore.main)
+    assert line == f"python -m lcd.analysis.rescore: error: {missing} does not exist."
     args = ["--task", "configs/llm/tasks/bitwise.yaml", "--conditions", "early", "--out", str(tmp_path), "--no-wandb"]
     line = last_error_line(args, capsys, compare.main)
-    assert line == "python -m lcd.compare: error: without the pretrained condition, give --layer (the measured layer)."
+    assert (
+        line
+        == "python -m lcd.analysis.compare: error: without the pretrained condition, give --layer (the measured layer)."
+    )
 
 
 # --- what is not a user error --------------------------------------------------------------------

@@ -8,14 +8,14 @@ import torch
 from conftest import config
 from tiny_lm import save_tiny_lm
 
-from lcd.callbacks.decodability import read_history
 from lcd.cli import main, make_cli
+from lcd.data.text import IGNORE_INDEX, encode_prompts
 from lcd.finetuning import LoRA, lora_targets
 from lcd.layers import LateLayers
 from lcd.lit.finetune import LitFinetune, export_merged
 from lcd.models.hf import CausalLMSpec
+from lcd.runs import read_history
 from lcd.tasks import BitwiseTask, make_prompts
-from lcd.text_data import IGNORE_INDEX, encode_prompts
 
 BASE = config("configs/finetune/base.yaml", "configs/llm/tasks/bitwise.yaml")
 DEBUG = config("configs/finetune/debug.yaml")
@@ -98,9 +98,9 @@ def test_out_of_range_layers_fail_before_training(tiny_gemma, tmp_path):
     fragment = tmp_path / "layer5.yaml"
     fragment.write_text(
         "model:\n  init_args:\n    method:\n      init_args:\n"
-        "        layers: {class_path: lcd.layers.LayerList, init_args: {layers: [5]}}\n"
+        "        layers: [5]\n"  # a plain list: the same vocabulary as the CD callback's and the probe's layers
     )
-    with pytest.raises(SystemExit, match=r"\[5\] out of range for a model with 2 layers"):
+    with pytest.raises(SystemExit, match=r"layer 5 is out of range for a model with 2 layers"):
         main(["fit", *args(tiny_gemma, tmp_path / "run", str(fragment))])
     assert not (tmp_path / "run").exists()
 
@@ -229,7 +229,7 @@ def test_validate_the_pretrained_baseline(tiny_gemma, tmp_path):
 
 
 def test_compare_writes_the_table(tiny_gemma, tmp_path):
-    from lcd.compare import main as compare_main
+    from lcd.analysis.compare import main as compare_main
 
     out = tmp_path / "compare"
     sets = [f"model.init_args.lm.name={tiny_gemma}", "trainer.callbacks.probe_per_concept=4", "trainer.callbacks.k=3",

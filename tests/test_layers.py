@@ -1,6 +1,6 @@
 import pytest
 
-from lcd.layers import AllLayers, EarlyLayers, LateLayers, LayerList, LayerRange
+from lcd.layers import AllLayers, EarlyLayers, LateLayers, LayerList, LayerRange, select_layers
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_one_group_fits_any_depth():
         (LayerRange(2, 2), 4, "selects no layer"),
         (LayerRange(3, 1), 4, "selects no layer"),
         (LayerRange(0, 9), 4, "stop=9 is out of range"),
-        (LayerList([4]), 4, r"\[4\] out of range for a model with 4 layers"),
+        (LayerList([4]), 4, r"layer 4 is out of range for a model with 4 layers: use 0..3"),
         (LayerList([-5]), 4, "out of range"),
         (LayerList([]), 4, "selects no layer"),
         (AllLayers(), 0, "no decoder blocks"),
@@ -71,3 +71,14 @@ def test_describe():
     assert EarlyLayers(fraction=0.333).describe(18) == "layers 0-5 of 18"
     assert LayerList([0, 2]).describe(4) == "layers 0,2 of 4"
     assert LateLayers(count=1).describe(4) == "layers 3 of 4"
+
+
+def test_select_layers_takes_every_form_of_the_one_vocabulary():
+    assert select_layers(None, 4) == [0, 1, 2, 3]
+    assert select_layers([-1, 0], 4) == [0, 3]
+    assert select_layers(0, 4) == [0]
+    assert select_layers(LateLayers(count=2), 4) == [2, 3]  # a strategy, as finetuning takes it
+    with pytest.raises(ValueError, match="out of range for a model with 4 layers"):
+        select_layers([4], 4)
+    with pytest.raises(ValueError, match="selects no layer"):
+        select_layers([], 4)

@@ -3,8 +3,8 @@ import torch
 
 from lcd.lit.pretrain import LitPretrain
 from lcd.models import ICLTransformer
-from lcd.references import lasso_predictions, least_squares_predictions
 from lcd.tasks import SparseRegressionTask
+from lcd.tasks.synthetic.references import lasso_predictions, least_squares_predictions
 
 
 def tiny(n_dims: int = 4, n_pairs: int = 6, y_slot: str = "first") -> ICLTransformer:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from tiny_lm import byte_tokenizer
 
+from lcd.data.text import ICLTextDataModule, encode_prompts
 from lcd.tasks import BitwiseTask, POSTask, PromptTemplate, make_prompts
-from lcd.tasks.pos import POS_CONCEPTS, read_conllu
-from lcd.tasks.pos_grammar import LEXICON, generate_sentence
-from lcd.text_data import ICLTextDataModule, encode_prompts
+from lcd.tasks.text.pos import POS_CONCEPTS, read_conllu
+from lcd.tasks.text.pos_grammar import LEXICON, generate_sentence
 
 # --- bitwise -----------------------------------------------------------------------------------------
 

@@ -8,12 +8,12 @@ from tiny_lm import save_tiny_lm
 
 from lcd.activations import capture_residual, find_decoder_layers
 from lcd.data import fixed_batches
-from lcd.icl_eval import answer_budget, capture_and_generate, decode_answers, exact_match
+from lcd.data.text import encode_prompts
+from lcd.lit.generation import answer_budget, capture_and_generate, decode_answers, exact_match
 from lcd.models import ICLTransformer
 from lcd.models.hf import load_causal_lm
 from lcd.patching import class_means, llm_patching, patch_value, patched, synthetic_patching_matrix
 from lcd.tasks import BitwiseTask, SparseRegressionTask, make_prompts
-from lcd.text_data import encode_prompts
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_synthetic_matrix_defaults_to_the_best_cd_layer():
 def test_patch_synthetic_command_on_a_fitted_run(tmp_path):
     from conftest import DEBUG, TINY_SYNTHETIC, config
 
-    from lcd import patch_synthetic
+    from lcd.analysis import patch_matrix
     from lcd.cli import main
 
     fit = ["fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml"), "--config", DEBUG]
@@ -120,10 +120,10 @@ def test_patch_synthetic_command_on_a_fitted_run(tmp_path):
     (cfg,) = tmp_path.rglob("config.yaml")
     (ckpt,) = tmp_path.rglob("last.ckpt")
     out = tmp_path / "patching"
-    result = patch_synthetic.main(["--config", str(cfg), "--ckpt", str(ckpt), "--layer", "-1", "--out", str(out)])
+    result = patch_matrix.main(["--config", str(cfg), "--ckpt", str(ckpt), "--layer", "-1", "--out", str(out)])
     assert result.layer == 1 and result.delta.shape == (4, 4)
     rows = (out / "patching_matrix.csv").read_text().splitlines()
     assert len(rows) == 1 + 16 and rows[1].startswith("1,replace,")
     assert (out / "plots" / "patching_matrix.png").is_file()
     with pytest.raises(SystemExit, match="does not exist"):
-        patch_synthetic.main(["--config", str(tmp_path / "missing.yaml")])
+        patch_matrix.main(["--config", str(tmp_path / "missing.yaml")])

@@ -11,11 +11,12 @@ import torch
 from conftest import config
 from tiny_lm import save_tiny_lm
 
+from lcd.analysis.stats import linear_fit
 from lcd.cli import main
-from lcd.icl_eval import capture_and_generate, decode_answers, exact_match, greedy_generate, linear_fit
+from lcd.data.text import encode_prompts
+from lcd.lit.generation import capture_and_generate, decode_answers, exact_match, greedy_generate
 from lcd.models.hf import load_causal_lm
 from lcd.tasks import BitwiseTask, make_prompts
-from lcd.text_data import encode_prompts
 
 CONLLU_ROWS = [
     ("She", "PRON"), ("quickly", "ADV"), ("read", "VERB"), ("the", "DET"), ("old", "ADJ"), ("book", "NOUN"),

@@ -16,8 +16,7 @@ import torch
 from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 from wandb_records import history, kept_by_wandb
 
-from lcd import cd_checkpoints
-from lcd.callbacks.decodability import read_history
+from lcd.analysis import rescore
 from lcd.cli import main
 from lcd.lit import LitPretrain
 from lcd.runs import (
@@ -32,6 +31,7 @@ from lcd.runs import (
     load_run,
     load_weights,
     newest_intact_checkpoint,
+    read_history,
 )
 
 CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
@@ -111,7 +111,7 @@ def test_checkpoint_that_would_run_code_is_refused_by_every_loader(finished, eve
         with pytest.raises(UnsafeCheckpointError, match=r"would run code it contains \(it wanted io\.open; lcd loads"):
             load()
     with pytest.raises(SystemExit):
-        cd_checkpoints.main(["--config", str(config_yaml), "--ckpt", str(evil), "--out", str(tmp_path / "cd")])
+        rescore.main(["--config", str(config_yaml), "--ckpt", str(evil), "--out", str(tmp_path / "cd")])
     assert "would run code" in capsys.readouterr().err
     run = tmp_path / "resumed"
     with refused(UnsafeCheckpointError, match=f"{evil} was refused"):  # the resume path, before any work

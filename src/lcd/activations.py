@@ -19,15 +19,29 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lcd.layers import select_layers
+
 __all__ = [
+    "POSITIONS",
     "Capture",
+    "Position",
     "capture_residual",
     "find_decoder_layers",
     "last_token_positions",
     "n_decoder_layers",
     "patch_residual",
-    "resolve_layers",
 ]
+
+
+Position = Literal["query", "last_y", "last"]
+"""Where a probe reads the residual stream, one vocabulary for every module:
+
+- ``query``: the token right before the answer (the paper's choice): the last prompt token of a text
+  prompt, the query x token of a synthetic prompt;
+- ``last_y``: synthetic prompts only, the y token just before the query x (where the context is summarised);
+- ``last``: the last token of the sequence (text prompt+answer batches: the answer's last token).
+"""
+POSITIONS: tuple[str, ...] = ("query", "last_y", "last")
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -54,28 +68,6 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 def n_decoder_layers(model: nn.Module) -> int:
     """Number of decoder blocks of ``model``."""
     return len(find_decoder_layers(model))
-
-
-def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
-    """Normalise layer indices: ``None`` means all; negative indices count from the end.
-
-    Raises:
-        ValueError: for an index outside ``[-n_layers, n_layers)``, naming the valid range.
-
-    """
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = []
-    for layer in layers:
-        if not -n_layers <= layer < n_layers:
-            raise ValueError(
-                f"layer {layer} is out of range for a model with {n_layers} layers: "
-                f"use 0..{n_layers - 1} (0-based) or -{n_layers}..-1."
-            )
-        out.append(layer % n_layers)
-    return sorted(set(out))
 
 
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -147,7 +139,7 @@ def capture_residual(
 
     """
     blocks = find_decoder_layers(model)
-    wanted = resolve_layers(layers, len(blocks))
+    wanted = select_layers(layers, len(blocks))
     cap = Capture()
     last = max(wanted)
 
@@ -190,7 +182,7 @@ def patch_residual(
 
     """
     blocks = find_decoder_layers(model)
-    (layer,) = resolve_layers(layer, len(blocks))
+    (layer,) = select_layers(layer, len(blocks))
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
         h = _hidden(output)

@@ -96,7 +96,7 @@ def user_errors(prog: str) -> Iterator[None]:
     Use as a context manager or as a decorator of a command's ``main``. See the module docstring.
 
     Args:
-        prog: The command as the user typed it, e.g. ``lcd`` or ``python -m lcd.emergence``.
+        prog: The command as the user typed it, e.g. ``lcd`` or ``python -m lcd.analysis.onsets``.
 
     Raises:
         UserErrorExit: on a user error, after printing it.

@@ -29,7 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lcd.activations import find_decoder_layers
-from lcd.layers import AllLayers, LayerGroup
+from lcd.layers import AllLayers, LayerGroup, layer_group
 
 __all__ = [
     "FinetuneMethod",
@@ -101,8 +101,8 @@ class FinetuneMethod(ABC):
 
     """
 
-    def __init__(self, layers: LayerGroup | None = None) -> None:
-        self.layers = layers if layers is not None else AllLayers()
+    def __init__(self, layers: LayerGroup | list[int] | None = None) -> None:
+        self.layers = layer_group(layers)
         self.resolved_layers: list[int] | None = None  # set by apply()
 
     def resolve(self, model: nn.Module) -> list[int]:
@@ -153,7 +153,7 @@ class LoRA(FinetuneMethod):
 
     def __init__(
         self,
-        layers: LayerGroup | None = None,
+        layers: LayerGroup | list[int] | None = None,
         r: int = 16,
         alpha: float = 16.0,
         dropout: float = 0.1,

@@ -1,15 +1,19 @@
-"""Layer-group strategies: which decoder blocks a finetuning method may change.
+"""Which decoder blocks: the one layer-selection vocabulary of lcd.
 
-Each strategy is a small class chosen by ``class_path`` and resolved late, against the loaded model's
-depth, so one YAML fits any model::
+Every option that chooses layers (the CD callback's ``layers``, the LLM probe's ``layers``, a finetuning
+method's ``layers``) takes the same values, resolved late, against the loaded model's depth, so one YAML
+fits any model:
 
-    layers:
-      class_path: lcd.layers.EarlyLayers
-      init_args: {fraction: 0.333}   # first third of whatever model is loaded
+- ``null``: every layer;
+- a list of 0-based indices, negative ones counting from the end (``[0, 4, -1]``), or one index;
+- a strategy chosen by ``class_path``::
 
-Layers are 0-based decoder block indices (``resolve`` returns them sorted, without duplicates). An
-empty or out-of-range selection raises ``ValueError`` from :meth:`LayerGroup.resolve`, which lcd calls
-before any training step.
+      layers:
+        class_path: lcd.layers.EarlyLayers
+        init_args: {fraction: 0.333}   # first third of whatever model is loaded
+
+:func:`select_layers` turns any of them into sorted 0-based indices without duplicates. An empty or
+out-of-range selection raises ``ValueError`` naming the valid range, before any work.
 """
 
 from __future__ import annotations
@@ -18,7 +22,17 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-__all__ = ["AllLayers", "EarlyLayers", "LateLayers", "LayerGroup", "LayerList", "LayerRange"]
+__all__ = [
+    "AllLayers",
+    "EarlyLayers",
+    "LateLayers",
+    "LayerGroup",
+    "LayerList",
+    "LayerRange",
+    "LayerSpec",
+    "layer_group",
+    "select_layers",
+]
 
 
 class LayerGroup(ABC):
@@ -150,12 +164,12 @@ class LayerList(LayerGroup):
         self.layers = list(layers)
 
     def _select(self, n_layers: int) -> list[int]:
-        out_of_range = [i for i in self.layers if not -n_layers <= i < n_layers]
-        if out_of_range:
-            raise ValueError(
-                f"{self!r}: layer(s) {out_of_range} out of range for a model with {n_layers} layers "
-                f"(valid: 0..{n_layers - 1}, or -{n_layers}..-1)."
-            )
+        for layer in self.layers:
+            if not -n_layers <= layer < n_layers:
+                raise ValueError(
+                    f"layer {layer} is out of range for a model with {n_layers} layers: "
+                    f"use 0..{n_layers - 1} (0-based) or -{n_layers}..-1."
+                )
         return [i % n_layers for i in self.layers]
 
 
@@ -164,3 +178,26 @@ class AllLayers(LayerGroup):
 
     def _select(self, n_layers: int) -> list[int]:
         return list(range(n_layers))
+
+
+LayerSpec = LayerGroup | int | Sequence[int] | None
+"""What every ``layers`` option accepts: a strategy, one index, a list of indices, or ``None`` for all."""
+
+
+def layer_group(layers: LayerSpec) -> LayerGroup:
+    """The :class:`LayerGroup` of any ``layers`` value: ``None`` -> all, indices -> :class:`LayerList`."""
+    if isinstance(layers, LayerGroup):
+        return layers
+    if layers is None:
+        return AllLayers()
+    return LayerList([layers] if isinstance(layers, int) else layers)
+
+
+def select_layers(layers: LayerSpec, n_layers: int) -> list[int]:
+    """Sorted 0-based block indices of ``layers`` (see the module docstring) for a model of ``n_layers`` blocks.
+
+    Raises:
+        ValueError: for an index outside ``[-n_layers, n_layers)`` or an empty selection, naming the valid range.
+
+    """
+    return layer_group(layers).resolve(n_layers)

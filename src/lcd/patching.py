@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lcd.activations import capture_residual, patch_residual, resolve_layers
+from lcd.activations import capture_residual, patch_residual
+from lcd.layers import select_layers
 
 PatchMode = Literal["replace", "add"]
 
@@ -125,7 +126,7 @@ def synthetic_patching_matrix(
     forward = forward or (lambda m, b: m(b["xs"], b["ys"]))
     n_layers = n_decoder_layers(model)
     if layer is not None:
-        (layer,) = resolve_layers(layer, n_layers)
+        (layer,) = select_layers(layer, n_layers)
     feats, labels = [], []
     for batch in mean_batches:
         query = torch.full((batch["xs"].shape[0],), 2 * batch["xs"].shape[1] - 2)  # last x token
@@ -197,7 +198,7 @@ def llm_patching(
     Args:
         model: A Hugging Face causal LM.
         tokenizer: Its tokenizer (to decode answers).
-        mean_batches: Prompt batches (see :mod:`lcd.text_data`) for the class means, from the train split,
+        mean_batches: Prompt batches (see :mod:`lcd.data.text`) for the class means, from the train split,
             every class including Null present.
         eval_batches: Prompt batches to patch and score (their Null rows are skipped).
         layer: Layer to patch (0-based, negative from the end).
@@ -207,9 +208,9 @@ def llm_patching(
 
     """
     from lcd.activations import last_token_positions, n_decoder_layers
-    from lcd.icl_eval import answer_budget, capture_and_generate, decode_answers, exact_match, greedy_generate
+    from lcd.lit.generation import answer_budget, capture_and_generate, decode_answers, exact_match, greedy_generate
 
-    (layer,) = resolve_layers(layer, n_decoder_layers(model))
+    (layer,) = select_layers(layer, n_decoder_layers(model))
     device = next(model.parameters()).device
     feats, labels = [], []
     for batch in mean_batches:

@@ -1,4 +1,9 @@
-"""Figures saved as PNG in the run directory and logged beside the W&B curves."""
+"""Every figure lcd draws, saved as PNG in the run directory and logged beside the W&B curves.
+
+Training (synthetic): CD history and heatmap, representation snapshots, error vs position. LLM probe: CD
+per layer for each shot count, CD vs accuracy with the fitted line, patching effects. Analyses: the
+synthetic patching matrix.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,16 @@ import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")  # headless: figures go to files and W&B, never to a window
+from collections.abc import Sequence  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """The run directory: ``trainer.default_root_dir``, where CSVs, plots and checkpoints land."""
-    return Path(trainer.default_root_dir)
+from lcd.analysis.stats import linear_fit  # noqa: E402
+from lcd.runs import run_dir  # noqa: E402
 
 
 def save_figure(trainer: L.Trainer, fig: Figure, name: str) -> Path | None:
@@ -81,8 +89,6 @@ def plot_cd_heatmap(history: list[dict[str, float]], layers: list[int]) -> Figur
 
 def plot_snapshot(features, labels, method: str, layer: int, step: int) -> Figure:
     """2-D PCA (or UMAP) of one layer's probe representations, coloured by concept."""
-    import torch
-
     x = features.float()
     if method == "umap":
         import umap
@@ -97,4 +103,102 @@ def plot_snapshot(features, labels, method: str, layer: int, step: int) -> Figur
         ax.scatter(pts[:, 0], pts[:, 1], s=8, label=f"concept {c}")
     ax.set(title=f"layer {layer}, step {step} ({method.upper()})")
     ax.legend(fontsize=7)
+    return fig
+
+
+def plot_error_vs_position(
+    curve: torch.Tensor, refs: dict[str, torch.Tensor], concept_names: Sequence[str], step: int
+) -> Figure:
+    """Per-concept MSE (K, n) vs number of in-context examples, with reference algorithms dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    positions = torch.arange(curve.shape[1])
+    for k, name in enumerate(concept_names):
+        (line,) = ax.plot(positions, curve[k], label=f"model {name}")
+        if "least_squares_true_basis" in refs:
+            ax.plot(positions, refs["least_squares_true_basis"][k], "--", color=line.get_color(), alpha=0.6)
+    styles = {"least_squares_full_dims": ":", "lasso": "-."}
+    for name, style in styles.items():
+        if name in refs:
+            ax.plot(positions, refs[name].mean(0), style, color="k", label=f"{name} (all concepts)")
+    ax.set(
+        yscale="log",
+        xlabel="in-context examples before the query",
+        ylabel="MSE",
+        title=f"error vs position, step {step} (dashed: true-basis least squares)",
+    )
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_cd_per_layer(results: dict[int, dict], chance: float) -> Figure:
+    """One line of CD against layer (0-based) per shot count; chance dashed; best layers marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for shots, res in sorted(results.items()):
+        (line,) = ax.plot(res["layers"], res["cd"].tolist(), marker="o", ms=3, label=f"{shots}-shot")
+        best = res["layers"].index(res["best_layer"])
+        ax.plot(res["best_layer"], res["cd"][best].item(), "*", ms=12, color=line.get_color())
+    ax.axhline(chance, ls="--", color="grey", label="chance")
+    ax.set(xlabel="layer (0-based)", ylabel="CD (leave-one-out 10-NN accuracy)", ylim=(0, 1.02))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Concept decodability at the token before the answer")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_cd_vs_accuracy(results: dict[int, dict]) -> Figure:
+    """Per-concept CD (at each shot count's best layer) vs exact-match accuracy, with the pooled fit."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    markers = "osD^v<>p"
+    concepts = [n for n, r in next(iter(results.values()))["concepts"].items() if r["acc"] is not None]
+    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(concepts)}
+    xs, ys = [], []
+    for j, (_, res) in enumerate(sorted(results.items())):
+        for name in concepts:
+            r = res["concepts"][name]
+            ax.scatter(r["cd"], r["acc"], color=colors[name], marker=markers[j % len(markers)], s=40)
+            xs.append(r["cd"])
+            ys.append(r["acc"])
+    slope, intercept, r2 = linear_fit(xs, ys)
+    if np.isfinite(slope):
+        grid = np.linspace(min(xs), max(xs), 2)
+        ax.plot(grid, slope * grid + intercept, "k--", lw=1)
+    for name in concepts:
+        ax.scatter([], [], color=colors[name], label=name)
+    for j, shots in enumerate(sorted(results)):
+        ax.scatter([], [], color="grey", marker=markers[j % len(markers)], label=f"{shots}-shot")
+    ax.set(
+        xlabel="CD of the concept (best layer)", ylabel="exact-match accuracy", title=f"pooled linear fit R² = {r2:.3f}"
+    )
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def plot_patching(result, concept_names: Sequence[str], shots: int) -> Figure:
+    """Accuracy change per concept from positive and negative patching (bars)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(concept_names))
+    pos = (result.positive - result.base).numpy()
+    neg = (result.negative - result.base).numpy()
+    ax.bar(x - 0.2, pos, 0.4, label="positive (own concept mean)")
+    ax.bar(x + 0.2, neg, 0.4, label="negative (Null mean)")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, concept_names)
+    ax.set(ylabel="accuracy change", title=f"mean-activation patching, layer {result.layer}, {shots}-shot")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_patching_matrix(result, names: list[str]) -> Figure:
+    """Heatmap of the MSE change (rows: source basis of the mean, columns: target basis of the prompt)."""
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    lim = float(result.delta.abs().max()) or 1.0
+    im = ax.imshow(result.delta.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
+    for s in range(len(names)):
+        for t in range(len(names)):
+            ax.text(t, s, f"{result.delta[s, t]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="target basis (prompts)", ylabel="source basis (patched mean)")
+    ax.set_title(f"query MSE change, layer {result.layer}")
+    fig.colorbar(im, ax=ax)
     return fig

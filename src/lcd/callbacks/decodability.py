@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 
-from lcd.activations import n_decoder_layers, resolve_layers
+from lcd.activations import Position, n_decoder_layers
+from lcd.analysis.onsets import concept_onsets, format_onsets
 from lcd.decodability import ConceptDecodabilityMetric, Distance, check_knn_settings
-from lcd.emergence import concept_onsets, format_onsets
-from lcd.plotting import plot_cd_heatmap, plot_cd_history, plot_snapshot, run_dir, save_figure
-
-HISTORY_FILE = "cd_history.csv"
-ONSETS_FILE = "cd_onsets.txt"
+from lcd.layers import LayerGroup, select_layers
+from lcd.plotting import plot_cd_heatmap, plot_cd_history, plot_snapshot, save_figure
+from lcd.runs import HISTORY_FILE, ONSETS_FILE, history_row, run_dir, write_history
 
 
 class ConceptDecodability(L.Callback):
@@ -36,14 +32,16 @@ class ConceptDecodability(L.Callback):
     the same curves; it is also rewritten to ``<run_dir>/cd_history.csv`` after every evaluation. At the
     end of fit ``plots/cd_history.png`` shows per-concept loss and CD per layer over steps, and
     ``cd_onsets.txt`` (also printed) says at which step each concept's loss dropped and its CD rose at
-    the best layer (:mod:`lcd.emergence`). Under DDP the probe set is split across processes and
+    the best layer (:mod:`lcd.analysis.onsets`). Under DDP the probe set is split across processes and
     gathered, so every process scores the same pooled set as a single process would.
 
     Args:
         every_n_steps: Evaluate every this many optimizer steps (also at fit start and end).
-        layers: 0-based layers to score (negative count from the end); ``None`` for all.
-        position: Which token to read, passed to ``pl_module.probe`` (``query``: the token right before
-            the answer; the synthetic model also knows ``last_y``).
+        layers: Layers to score, in the one vocabulary of :mod:`lcd.layers`: ``null`` for all, 0-based
+            indices (negative count from the end), or a strategy such as ``lcd.layers.EarlyLayers``.
+        position: Which token to read (:data:`lcd.activations.Position`: ``query``, the token right before
+            the answer; ``last_y``, synthetic prompts' last y token; ``last``); ``null`` takes the module's
+            ``probe_position`` (the synthetic presets set it), else ``query``.
         probe_per_concept: Probe prompts per concept; ``None`` uses the datamodule's default (100).
         k: Neighbours of the leave-one-out k-NN (the paper's 10); must be below the probe prompts per
             concept (checked before training).
@@ -57,13 +55,13 @@ class ConceptDecodability(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 250,
-        layers: list[int] | None = None,
-        position: str = "query",
+        layers: LayerGroup | list[int] | None = None,
+        position: Position | None = None,
         probe_per_concept: int | None = None,
         k: int = 10,
         distance: Distance = "euclidean",
         snapshot_steps: list[int] | None = None,
-        snapshot_layers: list[int] | None = None,
+        snapshot_layers: LayerGroup | list[int] | None = None,
         snapshot_method: Literal["pca", "umap"] = "pca",
     ) -> None:
         if every_n_steps < 1:
@@ -80,6 +78,7 @@ class ConceptDecodability(L.Callback):
         self.snapshot_layers, self.snapshot_method = snapshot_layers, snapshot_method
         self.history: list[dict[str, float]] = []
         self._layers: list[int] = []
+        self._position: str = position or "query"
         self._probe_batches: list | None = None
 
     # --- setup: fail before any work on a config that cannot work ---------------------------------
@@ -95,10 +94,11 @@ class ConceptDecodability(L.Callback):
             check_knn_settings(
                 self.k, self.distance, size, **_knn_names(option, " (or the callback's probe_per_concept)")
             )
-        self._layers = resolve_layers(self.layers, n_decoder_layers(pl_module))
+        self._layers = select_layers(self.layers, n_decoder_layers(pl_module))
+        self._position = self.position or getattr(pl_module, "probe_position", "query")
         self._probe_batches = None  # built on first use, then reused: the probe set is fixed
         if self.snapshot_layers is not None:
-            resolve_layers(self.snapshot_layers, n_decoder_layers(pl_module))
+            select_layers(self.snapshot_layers, n_decoder_layers(pl_module))
 
     # --- when to evaluate -------------------------------------------------------------------------
 
@@ -158,7 +158,7 @@ class ConceptDecodability(L.Callback):
             if i % trainer.world_size != trainer.global_rank:  # shard the probe set across processes
                 continue
             batch = move_data_to_device(batch, pl_module.device)
-            features, labels, loss = pl_module.probe(batch, self._layers, position=self.position)
+            features, labels, loss = pl_module.probe(batch, self._layers, position=self._position)
             metric.update(features.float(), labels)
             loss_sum.index_add_(0, labels, loss.float())
             loss_count.index_add_(0, labels, torch.ones_like(loss, dtype=torch.float))
@@ -192,7 +192,7 @@ class ConceptDecodability(L.Callback):
         features = torch.cat([f for f, _ in kept], dim=1)  # (L, N, d)
         labels = torch.cat([lab for _, lab in kept])
         layers = self.snapshot_layers if self.snapshot_layers is not None else [self._layers[best]]
-        for layer in resolve_layers(layers, max(self._layers) + 1):
+        for layer in select_layers(layers, max(self._layers) + 1):
             fig = plot_snapshot(
                 features[self._layers.index(layer)], labels, self.snapshot_method, layer, trainer.global_step
             )
@@ -241,56 +241,4 @@ def _knn_names(option: str, alternative: str = "") -> dict[str, str]:
     }
 
 
-def history_row(
-    step: int,
-    layers: Sequence[int],
-    cd: torch.Tensor,
-    per_concept: torch.Tensor,
-    classes: torch.Tensor,
-    loss_per_concept: torch.Tensor,
-) -> dict[str, float]:
-    """One evaluation as a row of ``cd_history.csv``.
-
-    Keys: ``step``, ``cd/best``, ``cd/best_layer``, ``cd/layer_XX``, ``cd/layer_XX/concept_<k>`` and
-    ``probe/loss/concept_<k>``.
-
-    Args:
-        step: Training step of the evaluated weights.
-        layers: The 0-based layers ``cd`` refers to, in order.
-        cd: (L,) CD per layer.
-        per_concept: (L, C) CD per layer and concept.
-        classes: (C,) concept ids of ``per_concept``'s columns.
-        loss_per_concept: (n_concepts,) mean probe loss of each concept.
-
-    """
-    best = int(cd.argmax())
-    row: dict[str, float] = {"step": step, "cd/best": cd[best].item(), "cd/best_layer": layers[best]}
-    for i, layer in enumerate(layers):
-        row[f"cd/layer_{layer:02d}"] = cd[i].item()
-        for j, c in enumerate(classes.tolist()):
-            row[f"cd/layer_{layer:02d}/concept_{c}"] = per_concept[i, j].item()
-    for c, loss in enumerate(loss_per_concept.tolist()):
-        row[f"probe/loss/concept_{c}"] = loss
-    return row
-
-
-def write_history(path: str | Path, rows: list[dict[str, float]]) -> None:
-    """Write history rows as CSV (columns in first-seen order), replacing ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_history(path: str | Path) -> list[dict[str, float]]:
-    """Load a ``cd_history.csv`` written by :class:`ConceptDecodability` (empty cells are skipped)."""
-    with Path(path).open() as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-__all__: Sequence[str] = ["ConceptDecodability", "HISTORY_FILE", "history_row", "read_history", "write_history"]
+__all__: Sequence[str] = ["ConceptDecodability"]

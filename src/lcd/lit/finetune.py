@@ -27,12 +27,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lcd.activations import capture_residual, last_token_positions
+from lcd.activations import Position, capture_residual, last_token_positions
+from lcd.data.text import IGNORE_INDEX
 from lcd.finetuning import FinetuneMethod, count_parameters, trainable_parameter_names
-from lcd.icl_eval import answer_budget, decode_answers, exact_match, greedy_generate, position_ids_from_mask
+from lcd.lit.generation import answer_budget, decode_answers, exact_match, greedy_generate, position_ids_from_mask
 from lcd.models.hf import CausalLMSpec, LoadedLM
-from lcd.plotting import run_dir
-from lcd.text_data import IGNORE_INDEX
+from lcd.runs import run_dir
 
 __all__ = ["LitFinetune", "export_merged"]
 
@@ -40,7 +40,7 @@ __all__ = ["LitFinetune", "export_merged"]
 class LitFinetune(L.LightningModule):
     """Finetune (or only evaluate) a pretrained causal LM on k-shot ICL prompts.
 
-    Use with :class:`lcd.text_data.ICLTextDataModule`. The model is loaded and the method applied in
+    Use with :class:`lcd.data.ICLTextDataModule`. The model is loaded and the method applied in
     ``__init__``, so an unknown model, an empty or out-of-range layer group, or targets that match
     nothing fail before any work (and the ConceptDecodability callback sees the model's depth).
 
@@ -98,7 +98,7 @@ class LitFinetune(L.LightningModule):
         """Hand the model's tokenizer to the datamodule; check the run can work."""
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "set_tokenizer"):
-            raise TypeError("LitFinetune needs an lcd.text_data.ICLTextDataModule (data: class_path ...).")
+            raise TypeError("LitFinetune needs an lcd.data.ICLTextDataModule (data: class_path ...).")
         dm.set_tokenizer(self.tokenizer)
         if stage == "fit" and self.method is None:
             raise ValueError("no finetuning method: set model.init_args.method (or run `lcd validate`).")
@@ -147,7 +147,7 @@ class LitFinetune(L.LightningModule):
     # --- probing interface used by the ConceptDecodability callback ---------------------------------------
 
     def probe(
-        self, batch: dict, layers: list[int] | None = None, position: str = "query"
+        self, batch: dict, layers: list[int] | None = None, position: Position = "query"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Residual stream at the token before the answer, concept labels and per-example answer loss.
 

@@ -6,13 +6,12 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
-import matplotlib.pyplot as plt
 import torch
 
-from lcd.activations import capture_residual
+from lcd.activations import Position, capture_residual
 from lcd.models.icl_gpt import ICLTransformer
-from lcd.plotting import save_figure
-from lcd.references import reference_errors
+from lcd.plotting import plot_error_vs_position, save_figure
+from lcd.tasks.synthetic.references import reference_errors
 
 
 class LitPretrain(L.LightningModule):
@@ -39,6 +38,8 @@ class LitPretrain(L.LightningModule):
             few seconds once torch's on-disk compile cache is warm; on CPU it needs a C++ compiler).
             Only training is compiled: validation, probing and activation capture run the plain
             module, and checkpoints are the same either way.
+        probe_position: Where the ConceptDecodability callback reads CD when it is not told:
+            ``query`` (the query x token, the paper's) or ``last_y`` (the y token just before it).
 
     """
 
@@ -49,6 +50,7 @@ class LitPretrain(L.LightningModule):
         lasso_alpha: float = 0.01,
         plot_every_n_steps: int = 1000,
         compile: bool = False,
+        probe_position: Position = "query",
     ) -> None:
         super().__init__()
         # Keep `net` in the hyperparameters: under LightningCLI they hold its config (class_path and
@@ -59,6 +61,9 @@ class LitPretrain(L.LightningModule):
             self.save_hyperparameters()
         self.net = net
         self.tail_positions = tail_positions
+        if probe_position not in ("query", "last_y"):
+            raise ValueError(f"probe_position must be 'query' or 'last_y' for LitPretrain, got {probe_position!r}.")
+        self.probe_position = probe_position
         self._refs: dict[str, torch.Tensor] | None = None  # algorithm -> (K, n) mean squared error
         self._val_sums: torch.Tensor | None = None  # (K, n) summed squared error
         self._val_counts: torch.Tensor | None = None  # (K,)
@@ -190,25 +195,8 @@ class LitPretrain(L.LightningModule):
         return self._refs
 
     def plot_error_vs_position(self, curve: torch.Tensor, refs: dict[str, torch.Tensor], final: bool = False) -> None:
-        """Per-concept MSE vs number of in-context examples, with reference algorithms dashed."""
-        names = self.trainer.datamodule.concept_names
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        positions = torch.arange(curve.shape[1])
-        for k, name in enumerate(names):
-            (line,) = ax.plot(positions, curve[k], label=f"model {name}")
-            if "least_squares_true_basis" in refs:
-                ax.plot(positions, refs["least_squares_true_basis"][k], "--", color=line.get_color(), alpha=0.6)
-        styles = {"least_squares_full_dims": ":", "lasso": "-."}
-        for name, style in styles.items():
-            if name in refs:
-                ax.plot(positions, refs[name].mean(0), style, color="k", label=f"{name} (all concepts)")
-        ax.set(
-            yscale="log",
-            xlabel="in-context examples before the query",
-            ylabel="MSE",
-            title=f"error vs position, step {self.global_step} (dashed: true-basis least squares)",
-        )
-        ax.legend(fontsize=7)
+        """Save the per-concept error-vs-position figure of this step (see :func:`lcd.plotting.plot_error_vs_position`)."""
+        fig = plot_error_vs_position(curve, refs, self.trainer.datamodule.concept_names, self.global_step)
         save_figure(
             self.trainer, fig, "error_vs_position_final" if final else f"error_vs_position_step{self.global_step:07d}"
         )
@@ -216,7 +204,7 @@ class LitPretrain(L.LightningModule):
     # --- probing interface used by the ConceptDecodability callback ---------------------------------
 
     def probe(
-        self, batch: dict[str, torch.Tensor], layers: Sequence[int] | None = None, position: str = "query"
+        self, batch: dict[str, torch.Tensor], layers: Sequence[int] | None = None, position: Position = "query"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Residual stream at one token of every prompt, concept labels and per-example loss.
 

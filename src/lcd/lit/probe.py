@@ -7,7 +7,7 @@ Run it as a validation::
 
 For every shot count of the datamodule (``eval_shots``, one validation dataloader each), one batched
 forward pass per batch captures the residual stream of every layer at the token before the answer and
-fills the KV cache from which the greedy answer is generated (:func:`lcd.icl_eval.capture_and_generate`).
+fills the KV cache from which the greedy answer is generated (:func:`lcd.lit.generation.capture_and_generate`).
 At the end: CD per layer (leave-one-out 10-NN over the concepts and Null), the best layer, per-concept
 CD there, exact-match accuracy per concept, and the linear fit of accuracy on per-concept CD (R² per
 shot count and pooled over shot counts). Optionally, mean-activation patching at one shot count
@@ -27,26 +27,28 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lcd.activations import resolve_layers
+from lcd.analysis.stats import linear_fit
 from lcd.decodability import Distance, chance_level, check_knn_settings, concept_decodability, per_concept_decodability
-from lcd.icl_eval import answer_budget, capture_and_generate, decode_answers, exact_match, linear_fit
+from lcd.layers import LayerGroup, select_layers
+from lcd.lit.generation import answer_budget, capture_and_generate, decode_answers, exact_match
 from lcd.models.hf import CausalLMSpec, LoadedLM
 from lcd.patching import PatchMode, llm_patching
-from lcd.plotting import run_dir, save_figure
-from lcd.probe_plots import plot_cd_per_layer, plot_cd_vs_accuracy, plot_patching
+from lcd.plotting import plot_cd_per_layer, plot_cd_vs_accuracy, plot_patching, save_figure
+from lcd.runs import run_dir
 
 
 class LitProbe(L.LightningModule):
     """Concept Decodability and ICL accuracy of a pretrained LM, per layer and shot count.
 
-    Use with :class:`lcd.text_data.ICLTextDataModule` under ``lcd validate``. The model is loaded in
+    Use with :class:`lcd.data.ICLTextDataModule` under ``lcd validate``. The model is loaded in
     ``setup``; with ``lm.device_map`` set (sharding a large model over GPUs) it is kept outside the
     module's registered children, so Lightning never moves it and accelerate's placement stands.
     Probing runs in one process (use ``device_map`` rather than DDP for models that do not fit).
 
     Args:
         lm: Which model to load (preset, hub name, directory or GGUF; dtype; device_map).
-        layers: Layers to probe, 0-based (negative from the end); ``None`` for all.
+        layers: Layers to probe, in the one vocabulary of :mod:`lcd.layers`: ``null`` for all, 0-based
+            indices (negative count from the end), or a strategy such as ``lcd.layers.LateLayers``.
         k: Neighbours of the leave-one-out k-NN (the paper's 10); must be below the datamodule's
             ``n_per_concept`` (checked before the model loads).
         distance: ``euclidean`` or ``cosine``.
@@ -62,7 +64,7 @@ class LitProbe(L.LightningModule):
     def __init__(
         self,
         lm: CausalLMSpec | None = None,
-        layers: list[int] | None = None,
+        layers: LayerGroup | list[int] | None = None,
         k: int = 10,
         distance: Distance = "euclidean",
         generate: bool = True,
@@ -108,7 +110,7 @@ class LitProbe(L.LightningModule):
             raise ValueError("LitProbe runs in one process: set trainer.devices=1 (shard a big model: lm.device_map).")
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "set_tokenizer"):
-            raise TypeError("LitProbe needs an lcd.text_data.ICLTextDataModule (data: class_path ...).")
+            raise TypeError("LitProbe needs an lcd.data.ICLTextDataModule (data: class_path ...).")
         check_knn_settings(  # before loading the model: every class (Null too) has n_per_concept prompts
             self.k,
             self.distance,
@@ -119,7 +121,7 @@ class LitProbe(L.LightningModule):
             grow="set data n_per_concept to at least {n}",
         )
         loaded = self.load()
-        self._layers = resolve_layers(self.layers, loaded.n_layers)
+        self._layers = select_layers(self.layers, loaded.n_layers)
         dm.set_tokenizer(loaded.tokenizer)
         if self.patch_shots is not None:
             if self.patch_shots not in dm.eval_shots:
@@ -129,7 +131,7 @@ class LitProbe(L.LightningModule):
             if not dm.include_null:
                 raise ValueError("negative patching needs the Null class: set data include_null: true.")
         if self.patch_layer is not None:
-            resolve_layers(self.patch_layer, loaded.n_layers)  # range check, before any work
+            select_layers(self.patch_layer, loaded.n_layers)  # range check, before any work
 
     # --- the pass over the prompts --------------------------------------------------------------------
 

@@ -1,20 +1,31 @@
-"""ICL task families with labelled latent concepts."""
+"""ICL task families with labelled latent concepts: :mod:`lcd.tasks.synthetic` and :mod:`lcd.tasks.text`.
 
-from lcd.tasks.base import ICLTask
-from lcd.tasks.bitwise import BitwiseTask
-from lcd.tasks.pos import POSTask
-from lcd.tasks.prompts import ICLPrompt, PromptTemplate, TextICLTask, make_prompts
-from lcd.tasks.sparse_regression import FunctionMixtureTask, SparseRegressionTask, make_bases
+Configs name them by these short paths, e.g. ``class_path: lcd.tasks.SparseRegressionTask``.
+"""
+
+from lcd.tasks.synthetic import (
+    ActiveDimsCurriculum,
+    ConceptCurriculum,
+    Curriculum,
+    FunctionMixtureTask,
+    ICLTask,
+    SparseRegressionTask,
+    make_bases,
+)
+from lcd.tasks.text import BitwiseTask, ICLPrompt, POSTask, PromptTemplate, TextICLTask, make_prompts
 
 __all__ = [
-    "FunctionMixtureTask",
-    "ICLTask",
-    "SparseRegressionTask",
-    "make_bases",
+    "ActiveDimsCurriculum",
     "BitwiseTask",
+    "ConceptCurriculum",
+    "Curriculum",
+    "FunctionMixtureTask",
     "ICLPrompt",
+    "ICLTask",
     "POSTask",
     "PromptTemplate",
+    "SparseRegressionTask",
     "TextICLTask",
+    "make_bases",
     "make_prompts",
 ]

@@ -5,7 +5,7 @@ answer. The splits partition the operand pairs: a test query's pair ``(a, b)`` n
 train split, so no train prompt (query or demonstration) shows it under any operation. With 5 digits
 there are only 1,024 pairs; the default holds 100 out for test (100 test queries per concept, 600 in
 all), and the paper's 10K training samples are 10K prompts drawn from the 924 train pairs with fresh
-demonstrations each (see :class:`lcd.text_data.ICLTextDataModule`).
+demonstrations each (see :class:`lcd.data.ICLTextDataModule`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from lcd.tasks.prompts import Split, TextICLTask
+from lcd.tasks.text.prompts import Split, TextICLTask
 
 __all__ = ["BITWISE_OPERATIONS", "BitwiseTask"]
 

@@ -2,8 +2,7 @@
 
 import pytest
 
-from lcd.callbacks.decodability import write_history
-from lcd.emergence import (
+from lcd.analysis.onsets import (
     BEATS_LASSO,
     DecodingCurve,
     concept_onsets,
@@ -12,6 +11,7 @@ from lcd.emergence import (
     merge_by_step,
     running_median,
 )
+from lcd.runs import write_history
 
 
 def history(spike_at: int | None = None) -> list[dict[str, float]]:

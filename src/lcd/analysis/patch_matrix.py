@@ -2,7 +2,7 @@ r"""Source-basis x target-basis patching matrix of a trained synthetic model (PA
 
 Usage, on a run directory written by ``lcd fit`` (its ``config.yaml`` and a checkpoint)::
 
-    python -m lcd.patch_synthetic --config runs/synthetic_cpu/config.yaml \\
+    python -m lcd.analysis.patch_matrix --config runs/synthetic_cpu/config.yaml \\
         --ckpt runs/synthetic_cpu/checkpoints/last.ckpt [--layer 2] [--mode replace]
 
 The class means come from the datamodule's probe set, the patched prompts from its validation set
@@ -19,35 +19,14 @@ from pathlib import Path
 
 from lcd.errors import user_errors
 from lcd.patching import PatchMode, SyntheticPatching, synthetic_patching_matrix
-from lcd.plotting import save_png
+from lcd.plotting import plot_patching_matrix, save_png
 from lcd.runs import load_run
 
 
-def plot_matrix(result: SyntheticPatching, names: list[str]):
-    """Heatmap of the MSE change (rows: source basis of the mean, columns: target basis of the prompt)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    lim = float(result.delta.abs().max()) or 1.0
-    im = ax.imshow(result.delta.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
-    for s in range(len(names)):
-        for t in range(len(names)):
-            ax.text(t, s, f"{result.delta[s, t]:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_yticks(range(len(names)), names)
-    ax.set(xlabel="target basis (prompts)", ylabel="source basis (patched mean)")
-    ax.set_title(f"query MSE change, layer {result.layer}")
-    fig.colorbar(im, ax=ax)
-    return fig
-
-
-@user_errors("python -m lcd.patch_synthetic")
+@user_errors("python -m lcd.analysis.patch_matrix")
 def main(argv: list[str] | None = None) -> SyntheticPatching:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m lcd.patch_synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lcd.analysis.patch_matrix", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the run's config.yaml")
     parser.add_argument("--ckpt", help="checkpoint to load (default: the weights the config builds)")
     parser.add_argument("--layer", type=int, help="0-based layer; default: best CD layer on the probe set")
@@ -71,7 +50,7 @@ def main(argv: list[str] | None = None) -> SyntheticPatching:
                 w.writerow(
                     [result.layer, mode, names[s], names[t], f"{result.delta[s, t]:.5f}", f"{result.base[t]:.5f}"]
                 )
-    save_png(plot_matrix(result, names), out / "plots" / "patching_matrix.png")
+    save_png(plot_patching_matrix(result, names), out / "plots" / "patching_matrix.png")
     print(f"layer {result.layer} ({mode}); CD per layer: {[round(v, 3) for v in result.cd.tolist()]}")
     print("base query MSE per target:", [round(v, 4) for v in result.base.tolist()])
     print("MSE change (rows: source mean, columns: target prompts):")

@@ -1,4 +1,4 @@
-"""Batched probing of a causal LM on left-padded ICL prompts: capture, greedy answers, exact match, R².
+"""Batched probing of a causal LM on left-padded ICL prompts: capture, greedy answers, exact match.
 
 One forward pass over the prompt does both jobs: hooks from :mod:`lcd.activations` keep every
 requested layer's residual stream at the last prompt token (the token before the answer), and the
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lcd.activations import capture_residual, last_token_positions
-from lcd.tasks.prompts import ANSWER_END
+from lcd.tasks.text.prompts import ANSWER_END
 
 __all__ = [
     "answer_budget",
@@ -23,7 +23,6 @@ __all__ = [
     "decode_answers",
     "exact_match",
     "greedy_generate",
-    "linear_fit",
     "position_ids_from_mask",
 ]
 
@@ -103,7 +102,7 @@ def greedy_generate(
 
 
 def decode_answers(tokenizer, generated: torch.Tensor) -> list[str]:
-    """The model's answers: generated text up to the first :data:`~lcd.tasks.prompts.ANSWER_END`, stripped."""
+    """The model's answers: generated text up to the first :data:`~lcd.tasks.text.prompts.ANSWER_END`, stripped."""
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [t.split(ANSWER_END, 1)[0].strip() for t in texts]
 
@@ -111,23 +110,6 @@ def decode_answers(tokenizer, generated: torch.Tensor) -> list[str]:
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
     """(B,) bool: prediction equals the gold answer exactly (both stripped)."""
     return torch.tensor([p.strip() == a.strip() for p, a in zip(predictions, answers, strict=True)])
-
-
-def linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
-    """Least-squares line ``y = slope * x + intercept`` and its R² (``nan`` if x or y is constant).
-
-    Returns:
-        (slope, intercept, r2).
-
-    """
-    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    if len(xt) < 2 or xt.std() == 0:
-        return float("nan"), float(yt.mean()) if len(yt) else float("nan"), float("nan")
-    slope = ((xt - xt.mean()) * (yt - yt.mean())).sum() / ((xt - xt.mean()) ** 2).sum()
-    intercept = yt.mean() - slope * xt.mean()
-    ss_tot = ((yt - yt.mean()) ** 2).sum()
-    r2 = 1 - ((yt - slope * xt - intercept) ** 2).sum() / ss_tot if ss_tot > 0 else torch.tensor(float("nan"))
-    return float(slope), float(intercept), float(r2)
 
 
 def answer_budget(tokenizer, answers: Sequence[str], prefix: str = " ") -> int:

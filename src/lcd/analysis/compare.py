@@ -2,7 +2,7 @@ r"""Table 1 of PAPER.md §5 for one task family: pretrained vs early vs late fin
 
 One command runs every condition through the real CLI and writes the table::
 
-    python -m lcd.compare --task configs/llm/tasks/bitwise.yaml \
+    python -m lcd.analysis.compare --task configs/llm/tasks/bitwise.yaml \
         --model configs/llm/models/gemma3_270m.yaml --out runs/compare/bitwise
 
 Conditions (each its own run directory under ``--out``):
@@ -253,11 +253,11 @@ def compare(
     return md
 
 
-@user_errors("python -m lcd.compare")
+@user_errors("python -m lcd.analysis.compare")
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lcd.compare``: see the module docstring."""
+    """``python -m lcd.analysis.compare``: see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="python -m lcd.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lcd.analysis.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--task", required=True, help="task fragment, e.g. configs/llm/tasks/pos.yaml")
     parser.add_argument("--model", default="configs/llm/models/gemma3_270m.yaml", help="model fragment")

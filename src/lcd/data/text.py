@@ -36,9 +36,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lcd.tasks.prompts import ICLPrompt, PromptTemplate, Split, TextICLTask, make_prompts
+from lcd.data.stream import stream_loader
+from lcd.tasks.text.prompts import ICLPrompt, PromptTemplate, Split, TextICLTask, make_prompts
 
-__all__ = ["ICLTextDataModule", "encode_prompts"]
+__all__ = ["FinetuneDataModule", "ICLTextDataModule", "encode_prompts"]
 
 IGNORE_INDEX = -100
 
@@ -92,7 +93,7 @@ def encode_prompts(
 
 
 class ICLTextDataModule(L.LightningDataModule):
-    """k-shot prompts of a :class:`~lcd.tasks.prompts.TextICLTask`, tokenized for a causal LM.
+    """k-shot prompts of a :class:`~lcd.tasks.text.prompts.TextICLTask`, tokenized for a causal LM.
 
     Evaluation: one validation dataloader per entry of ``eval_shots`` (``dataloader_idx`` i is
     ``eval_shots[i]`` shots), each ``n_per_concept`` prompts per concept (plus as many Null prompts)
@@ -115,7 +116,7 @@ class ICLTextDataModule(L.LightningDataModule):
         batch_size: Training batch size.
         eval_batch_size: Evaluation and probe batch size.
         name_concept: Start every prompt with a line naming its concept (PAPER.md §5's control).
-        template: Prompt template; ``None`` for the default :class:`~lcd.tasks.prompts.PromptTemplate`.
+        template: Prompt template; ``None`` for the default :class:`~lcd.tasks.text.prompts.PromptTemplate`.
         max_length: Longest allowed sequence in tokens; ``None`` for no limit.
         seed: Seed of every prompt set and of the training order.
 
@@ -218,3 +219,31 @@ class ICLTextDataModule(L.LightningDataModule):
             self.probe_shots, self.eval_split, n_per_concept or self.n_per_concept, self.include_null, stream=2
         )
         return self.loader(prompts, with_answers=True)
+
+
+class FinetuneDataModule(ICLTextDataModule):
+    """k-shot prompts for finetuning, with a training stream that resumes mid-pass.
+
+    :class:`ICLTextDataModule` serves the ``n_train`` training prompts as one ordinary epoch, which a run
+    resumed from a mid-epoch checkpoint would restart from its first batch. Here training batch ``i`` is
+    always batch ``i mod n_batches`` of the same seeded prompt order (cycling over the ``n_train``
+    prompts), served by the shared :mod:`lcd.data.stream`: a resumed or DDP run sees exactly the batches
+    of one uninterrupted process. Training length is set by ``trainer.max_steps`` (``n_train /
+    batch_size`` steps is one pass over the prompts).
+
+    Arguments are those of :class:`ICLTextDataModule`.
+    """
+
+    def train_dataloader(self) -> DataLoader:
+        """Prompt+answer batches cycling over the training prompts, starting where a resumed run stopped."""
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer yet: call set_tokenizer(model_tokenizer) first.")
+        prompts = self.train_prompts()
+        n_batches = math.ceil(len(prompts) / self.batch_size)
+        collate = partial(encode_prompts, self.tokenizer, with_answers=True, max_length=self.max_length)
+
+        def batch(index: int) -> dict[str, Any]:
+            b = index % n_batches
+            return collate(list(prompts[b * self.batch_size : (b + 1) * self.batch_size]))
+
+        return stream_loader(batch, self.trainer)

@@ -1,4 +1,4 @@
-"""``python -m lcd.cd_checkpoints``: CD of a fitted run's saved checkpoints with other probe settings."""
+"""``python -m lcd.analysis.rescore``: CD of a fitted run's saved checkpoints with other probe settings."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import pytest
 import torch
 from conftest import DEBUG, TINY_SYNTHETIC, config
 
-from lcd import cd_checkpoints
-from lcd.callbacks.decodability import HISTORY_FILE, read_history
+from lcd.analysis import rescore
 from lcd.cli import main as cli_main
-from lcd.runs import load_run
+from lcd.runs import HISTORY_FILE, load_run, read_history
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
     assert load_run(cfg, None)[0].net.y_slot == "first"  # configs/synthetic/y_first.yaml reached the model
     out = tmp_path / "post"
     argv = ["--config", str(cfg), "--ckpt", *map(str, ckpts), "--out", str(out), "--probe-per-concept", "100"]
-    histories = cd_checkpoints.main(
+    histories = rescore.main(
         [*argv, "--position", "query", "last_y", "--distance", "euclidean", "cosine", "--linear-probe"]
     )
     assert set(histories) == {(p, d) for p in ("query", "last_y") for d in ("euclidean", "cosine")}
@@ -56,27 +55,30 @@ def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
     _, cfg, ckpts = fitted
     base = ["--config", str(cfg), "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
-        cd_checkpoints.main([*base, "--ckpt", str(tmp_path / "missing.ckpt")])
+        rescore.main([*base, "--ckpt", str(tmp_path / "missing.ckpt")])
     assert "missing.ckpt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--position", "answer"])
-    assert "--position answer" in capsys.readouterr().err
+        rescore.main([*base, "--ckpt", str(ckpts[0]), "--position", "answer"])
+    assert "invalid choice: 'answer'" in capsys.readouterr().err  # not a position of lcd.activations.Position
+    with pytest.raises(SystemExit):
+        rescore.main([*base, "--ckpt", str(ckpts[0]), "--position", "last"])  # a position, but not a synthetic one
+    assert "--position last: position must be one of" in capsys.readouterr().err
     alien = tmp_path / "alien.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "global_step": 1}, alien)
     with pytest.raises(SystemExit):
-        cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), str(alien)])
+        rescore.main([*base, "--ckpt", str(ckpts[0]), str(alien)])
     assert "alien.ckpt does not fit the model" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="layer"):
-        cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--layers", "2"])
+        rescore.main([*base, "--ckpt", str(ckpts[0]), "--layers", "2"])
     with pytest.raises(SystemExit):  # the run's probe set has 12 prompts per concept
-        cd_checkpoints.main([*base, "--ckpt", str(ckpts[0]), "--k", "12"])
+        rescore.main([*base, "--ckpt", str(ckpts[0]), "--k", "12"])
     assert "--k=12 is too large" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.csv"))
 
 
 def test_preset_with_cd_at_the_last_y_token(tmp_path):
     # `make run`'s fragments (y in every coordinate, CD read by callbacks/concept_decodability_last_y.yaml):
-    # the live history is the last-y-token CD of the final weights, as lcd.cd_checkpoints scores it.
+    # the live history is the last-y-token CD of the final weights, as lcd.analysis.rescore scores it.
     cli_main([
         "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml",
                        "callbacks/concept_decodability_last_y.yaml"),
@@ -87,7 +89,7 @@ def test_preset_with_cd_at_the_last_y_token(tmp_path):
     assert model.net.y_slot == "all"
     argv = ["--config", str(cfg), "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt")]
     argv += ["--out", str(tmp_path / "post"), "--probe-per-concept", "100"]  # the callback's probe set
-    histories = cd_checkpoints.main([*argv, "--position", "last_y", "query"])
+    histories = rescore.main([*argv, "--position", "last_y", "query"])
     (live,) = [row for row in read_history(tmp_path / HISTORY_FILE) if row["step"] == 4]
     for key in live:
         assert histories["last_y", "euclidean"][-1][key] == pytest.approx(live[key], abs=1e-6), key

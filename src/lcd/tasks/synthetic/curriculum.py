@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from lcd.tasks.base import ICLTask
+from lcd.tasks.synthetic.base import ICLTask
 
 
 class Curriculum(ABC):

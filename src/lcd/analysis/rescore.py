@@ -5,7 +5,7 @@ whether a result depends on that setting (another token position, cosine instead
 a linear probe instead of k-NN), score the checkpoints a run kept (``--config
 callbacks/keep_checkpoints.yaml`` keeps one every 2,000 steps)::
 
-    python -m lcd.cd_checkpoints --config runs/synthetic_cpu/config.yaml \
+    python -m lcd.analysis.rescore --config runs/synthetic_cpu/config.yaml \
         --ckpt runs/synthetic_cpu/checkpoints/step=*.ckpt --position query last_y \
         --distance euclidean cosine --linear-probe
 
@@ -33,12 +33,12 @@ from typing import get_args
 import lightning as L
 import torch
 
-from lcd.activations import n_decoder_layers, resolve_layers
-from lcd.callbacks.decodability import history_row, write_history
+from lcd.activations import POSITIONS, n_decoder_layers
 from lcd.decodability import Distance, check_knn_settings, layerwise_decodability, linear_probe_accuracy
 from lcd.errors import user_errors
+from lcd.layers import select_layers
 from lcd.plotting import plot_cd_history, save_png
-from lcd.runs import CheckpointError, load_run, load_weights
+from lcd.runs import CheckpointError, history_row, load_run, load_weights, write_history
 
 
 @torch.no_grad()
@@ -73,7 +73,7 @@ def score(
     return history_row(step, layers, cd, per_concept, classes, loss_sum / loss_count.clamp(min=1))
 
 
-@user_errors("python -m lcd.cd_checkpoints")
+@user_errors("python -m lcd.analysis.rescore")
 def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, float]]]:
     """Command-line entry point (see the module docstring).
 
@@ -82,13 +82,15 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
 
     """
     parser = argparse.ArgumentParser(
-        prog="python -m lcd.cd_checkpoints", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lcd.analysis.rescore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="the run's config.yaml (written by lcd fit)")
     parser.add_argument(
         "--ckpt", nargs="+", required=True, help="checkpoint files to score (globs expanded by the shell)"
     )
-    parser.add_argument("--position", nargs="+", default=["query"], help="token positions to read (default: query)")
+    parser.add_argument(
+        "--position", nargs="+", default=["query"], choices=POSITIONS, help="token positions to read (default: query)"
+    )
     parser.add_argument(
         "--distance",
         nargs="+",
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
         )
     except ValueError as err:
         parser.error(str(err))
-    layers = resolve_layers(args.layers, n_decoder_layers(model))
+    layers = select_layers(args.layers, n_decoder_layers(model))
     batches = list(data.probe_dataloader(args.probe_per_concept))
     for position in args.position:
         try:

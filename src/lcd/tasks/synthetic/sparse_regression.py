@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lcd.tasks.base import ICLTask
+from lcd.tasks.synthetic.base import ICLTask
 
 BasisFamily = Literal["orthogonal", "overlapping", "explicit"]
 FunctionFamily = Literal["linear", "sparse_linear", "leaky_relu", "quadratic"]
@@ -142,7 +142,7 @@ class SparseRegressionTask(ICLTask):
     def sample(
         self, batch_size: int, generator: torch.Generator, concept: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Draw prompts; see :class:`~lcd.tasks.base.ICLTask`."""
+        """Draw prompts; see :class:`~lcd.tasks.synthetic.base.ICLTask`."""
         if concept is None:
             concept = torch.randint(self.n_concepts, (batch_size,), generator=generator)
         xs = torch.randn(batch_size, self.n_pairs, self.n_dims, generator=generator)
@@ -194,7 +194,7 @@ class FunctionMixtureTask(ICLTask):
     def sample(
         self, batch_size: int, generator: torch.Generator, concept: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Draw prompts; see :class:`~lcd.tasks.base.ICLTask`."""
+        """Draw prompts; see :class:`~lcd.tasks.synthetic.base.ICLTask`."""
         if concept is None:
             concept = torch.randint(self.n_concepts, (batch_size,), generator=generator)
         xs = torch.randn(batch_size, self.n_pairs, self.n_dims, generator=generator)

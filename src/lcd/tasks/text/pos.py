@@ -5,7 +5,7 @@ kept; Null answers a random (non-punctuation) word of the sentence. Sentences ar
 train and test (seeded; duplicates removed first, so no sentence is in both).
 
 Two sources:
-- ``generated`` (default, offline): :mod:`lcd.tasks.pos_grammar`, whose tags are gold by construction.
+- ``generated`` (default, offline): :mod:`lcd.tasks.text.pos_grammar`, whose tags are gold by construction.
 - a CoNLL-U file (Universal Dependencies) via ``conllu_path``. UPOS is mapped to the six concepts by
   :data:`UPOS_TO_CONCEPT`: NOUN and PROPN -> Noun (Penn Treebank's NN* tags include proper nouns),
   ADJ -> Adjective, VERB -> Verb (AUX, i.e. auxiliaries and copulas, is *not* a Verb: UD separates
@@ -21,8 +21,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lcd.tasks.pos_grammar import generate_sentence
-from lcd.tasks.prompts import Split, TextICLTask
+from lcd.tasks.text.pos_grammar import generate_sentence
+from lcd.tasks.text.prompts import Split, TextICLTask
 
 __all__ = ["POS_CONCEPTS", "UPOS_TO_CONCEPT", "POSSentence", "POSTask", "read_conllu"]
 

@@ -3,7 +3,7 @@ r"""Does each concept's CD rise in step with its decoding? Onsets read from a CD
 PAPER.md §2: each basis's loss drops suddenly, and at each drop that basis separates in the middle-layer
 representation. This module turns that claim into numbers for one run. It reads a ``cd_history.csv``
 (written by the :class:`~lcd.callbacks.ConceptDecodability` callback, or by ``python -m
-lcd.cd_checkpoints``) and, for every concept, finds
+lcd.analysis.rescore``) and, for every concept, finds
 
 - the **decoding step**: by default the first evaluation at which the concept's probe loss, smoothed by
   a centred running median over ``window`` evaluations, has covered half of the way from its first
@@ -23,8 +23,8 @@ only do by using the concept.
 
 ::
 
-    python -m lcd.emergence runs/synthetic_cpu/cd_history.csv [--layer 3] [--window 5] [--min-rise 0.15]
-    python -m lcd.emergence runs/synthetic_cpu/cd_history.csv --decoding runs/synthetic_cpu/csv/version_0/metrics.csv
+    python -m lcd.analysis.onsets runs/synthetic_cpu/cd_history.csv [--layer 3] [--window 5] [--min-rise 0.15]
+    python -m lcd.analysis.onsets runs/synthetic_cpu/cd_history.csv --decoding runs/synthetic_cpu/csv/version_0/metrics.csv
 
 The layer defaults to the best layer of the last evaluation (``cd/best_layer``).
 """
@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lcd.errors import user_errors
+from lcd.runs import read_history
 
 
 @dataclass(frozen=True)
@@ -251,15 +252,13 @@ def merge_by_step(tables: Sequence[Sequence[dict[str, float]]]) -> list[dict[str
     return [merged[step] for step in sorted(merged)]
 
 
-@user_errors("python -m lcd.emergence")
+@user_errors("python -m lcd.analysis.onsets")
 def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
     """Command line: print the onset table of one ``cd_history.csv``."""
-    from lcd.callbacks.decodability import read_history  # the callback imports this module
-
     parser = argparse.ArgumentParser(
-        prog="python -m lcd.emergence", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lcd.analysis.onsets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("history", help="a cd_history.csv (the run directory's, or one from lcd.cd_checkpoints)")
+    parser.add_argument("history", help="a cd_history.csv (the run directory's, or one from lcd.analysis.rescore)")
     parser.add_argument("--layer", type=int, help="0-based layer (default: the last evaluation's best layer)")
     parser.add_argument("--window", type=int, default=5, help="evaluations in the running median (odd, default 5)")
     parser.add_argument(

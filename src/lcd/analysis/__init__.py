@@ -1,0 +1,1 @@
+"""Analyses of finished runs, each an ``lcd`` subcommand: ``onsets``, ``rescore``, ``patch-matrix``, ``compare``."""
