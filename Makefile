@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(BIN)/lcd fit --config configs/trainer/cpu.yaml --config configs/synthetic/cpu.yaml \
-		--config callbacks/concept_decodability_last_y.yaml
+		--config callbacks/concept_decodability.yaml
 
 test: setup
 	$(BIN)/python -m pytest

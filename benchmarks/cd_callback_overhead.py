@@ -1,7 +1,7 @@
 """Wall-time overhead of the ConceptDecodability callback on the CPU preset, measured in one run.
 
 Trains the CPU preset (``configs/trainer/cpu.yaml`` + ``configs/synthetic/cpu.yaml``, read at run time through
-``lcd.cli.make_cli``) for a fixed number of steps, with and without ``callbacks/concept_decodability_last_y.yaml``
+``lcd.cli.make_cli``) for a fixed number of steps, with and without ``callbacks/concept_decodability.yaml``
 (its default cadence, snapshots included). Everything else is identical: same seed, CSV logger only, no
 progress bar, validation off (``limit_val_batches=0``). Each run is a fresh subprocess; the two variants
 alternate (ABBA) and repeat, and the medians are compared. Only ``trainer.fit`` is timed, less its first
@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ["configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml"]
-CALLBACK = "callbacks/concept_decodability_last_y.yaml"  # as `make run`
+CALLBACK = "callbacks/concept_decodability.yaml"  # as `make run`
 MARK = "@@RESULT "
 HOOKS = ["setup", "on_train_start", "on_train_batch_end", "on_fit_end"]
 

@@ -11,12 +11,12 @@ import torch
 from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 
 from lcd.analysis.onsets import concept_onsets, format_onsets
-from lcd.cli import main
+from lcd.cli import main, make_cli
 from lcd.lit import LitPretrain
 from lcd.runs import read_history
 
 CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
-CD = config("callbacks/concept_decodability_last_y.yaml")  # as `make run`
+CD = config("callbacks/concept_decodability.yaml")  # as `make run`
 
 
 def fit(run_dir: Path, *extra: str) -> None:
@@ -122,10 +122,30 @@ def test_impossible_task_fails_before_training(run_dir):
     assert not (run_dir / "checkpoints").exists()
 
 
-def test_model_task_mismatch_fails_before_training(run_dir):
-    with pytest.raises(SystemExit, match=r"task has n_dims=\d+ but the model was built with n_dims=7"):
-        fit(run_dir, "--model.init_args.net.init_args.n_dims=7")  # no preset uses 7 input dims
-    assert not (run_dir / "checkpoints").exists()
+def test_task_sizes_are_written_once_and_reach_the_network(run_dir):
+    # The presets give n_dims/n_pairs only on the task; the CLI links them to the network (lcd.configs.LINKS).
+    sizes = ["--data.init_args.task.init_args.n_dims=8", "--data.init_args.task.init_args.n_pairs=5"]
+    cli = make_cli(
+        [*CPU, "--config", DEBUG, *TINY_SYNTHETIC, *sizes, f"--trainer.default_root_dir={run_dir}"], run=False
+    )
+    assert (cli.model.net.n_dims, cli.model.net.n_pairs) == (8, 5)
+    assert cli.model.net.read_in.in_features == 8
+
+
+def test_model_task_mismatch_fails_before_training(tmp_path):
+    # Built in Python (no CLI link), a network of another size is refused at setup, before any step.
+    import lightning as L
+
+    from lcd.data import SyntheticICLDataModule
+    from lcd.models import ICLTransformer
+    from lcd.tasks import SparseRegressionTask
+
+    model = LitPretrain(ICLTransformer(n_dims=7, n_pairs=8, n_layers=1, d_model=16, n_heads=2))
+    data = SyntheticICLDataModule(SparseRegressionTask(n_dims=4, n_concepts=4, rank=1, n_pairs=8), batch_size=4)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"task has n_dims=4 but the model was built with n_dims=7"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 0
 
 
 def test_cd_layer_out_of_range_fails_before_training(run_dir, tmp_path):
@@ -150,6 +170,35 @@ def test_lightning_command_and_python_m_lcd(tmp_path):
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_lcd_help_lists_every_subcommand_and_each_tool_explains_its_options(capsys):
+    from lcd.cli import TOOLS
+
+    main(["--help"])
+    listed = capsys.readouterr().out
+    for name in ["fit", "validate", "test", "predict", *TOOLS]:
+        assert f"\n  {name} " in listed, name
+    for name in TOOLS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: lcd {name} "), name
+
+
+def test_a_misspelt_option_ends_in_one_line_naming_it(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *CPU, "--config", DEBUG, "--model.init_args.net.init_args.n_layer=2"])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        "lcd: error: --model.init_args.net.init_args.n_layer: 'n_layer' is not an option of "
+        "lcd.models.ICLTransformer; --help lists the options."
+    )
+    with pytest.raises(SystemExit):
+        main(["fit", *CPU, "--config", DEBUG, "--trainer.max_steps=abc"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "lcd: error: --trainer.max_steps: Expected a <class 'int'>. Got value: abc"
 
 
 def test_help_explains_every_option():

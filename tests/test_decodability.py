@@ -268,11 +268,16 @@ def test_probe_refuses_k_above_n_per_concept_before_loading_the_model(tmp_path, 
 
     monkeypatch.setattr(LitProbe, "load", load)
     model_dir = save_tiny_lm(tmp_path / "model", "llama")
-    args = ["validate", *config("configs/llm/probe.yaml", "configs/llm/tasks/bitwise.yaml", "configs/llm/debug.yaml")]
+    args = [
+        "validate",
+        *config(
+            "configs/llm/probe.yaml", "configs/llm/tasks/bitwise.yaml", "configs/debug.yaml", "configs/llm/debug.yaml"
+        ),
+    ]
     args += [f"--model.init_args.lm.name={model_dir}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
-    # configs/llm/debug.yaml: 4 prompts per class (Null too), so k = 4 is one too many.
-    with pytest.raises(SystemExit, match=r"model k=4 is too large.*n_per_concept.*at most 3.*at least 5"):
-        main([*args, "--model.init_args.k=4"])
+    # configs/llm/debug.yaml: 11 prompts per class (Null too), so k = 11 is one too many.
+    with pytest.raises(SystemExit, match=r"model k=11 is too large.*n_per_concept.*at most 10.*at least 12"):
+        main([*args, "--model.init_args.k=11"])
     with pytest.raises(ValueError, match="model distance must be one of"):
         LitProbe(lm=CausalLMSpec(str(model_dir)), distance="manhattan")
 

@@ -12,7 +12,6 @@ from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 from tiny_lm import save_tiny_lm
 
 from lcd import cli
-from lcd.analysis import compare, patch_matrix, rescore
 from lcd.cli import main
 from lcd.models.hf import CausalLMSpec
 from lcd.tasks.text.pos import POSTask, read_conllu
@@ -61,13 +60,13 @@ def no_model_load(monkeypatch):
 
 
 def probe_args(lm: Path | str, run_dir: Path, *fragments: str) -> list[str]:
-    cfg = config("configs/llm/probe.yaml", *fragments, "configs/llm/debug.yaml")
+    cfg = config("configs/llm/probe.yaml", *fragments, "configs/debug.yaml", "configs/llm/debug.yaml")
     return ["validate", *cfg, f"--model.init_args.lm.name={lm}", f"--trainer.default_root_dir={run_dir}"]
 
 
 def finetune_args(lm: Path, run_dir: Path) -> list[str]:
     cfg = config("configs/finetune/base.yaml", "configs/llm/tasks/bitwise.yaml", "configs/finetune/early.yaml")
-    cfg += config("configs/finetune/debug.yaml")
+    cfg += config("configs/debug.yaml", "configs/llm/debug.yaml")
     return ["fit", *cfg, f"--model.init_args.lm.name={lm}", f"--trainer.default_root_dir={run_dir}"]
 
 
@@ -182,16 +181,14 @@ def test_impossible_synthetic_setting(setting, message, run_dir, capsys):
 
 def test_analysis_tools_end_in_one_line(tmp_path, capsys):
     missing = str(tmp_path / "config.yaml")
-    line = last_error_line(["--config", missing], capsys, patch_matrix.main)
-    assert line == f"python -m lcd.analysis.patch_matrix: error: {missing} does not exist."
-    line = last_error_line(["--config", missing, "--ckpt", __file__], capsys, rescore.main)
-    assert line == f"python -m lcd.analysis.rescore: error: {missing} does not exist."
+    # through the one command, as users type them: lcd <tool> ...
+    line = last_error_line(["patch-matrix", "--config", missing], capsys)
+    assert line == f"lcd patch-matrix: error: {missing} does not exist."
+    line = last_error_line(["rescore", "--config", missing, "--ckpt", __file__], capsys)
+    assert line == f"lcd rescore: error: {missing} does not exist."
     args = ["--task", "configs/llm/tasks/bitwise.yaml", "--conditions", "early", "--out", str(tmp_path), "--no-wandb"]
-    line = last_error_line(args, capsys, compare.main)
-    assert (
-        line
-        == "python -m lcd.analysis.compare: error: without the pretrained condition, give --layer (the measured layer)."
-    )
+    line = last_error_line(["compare", *args], capsys)
+    assert line == "lcd compare: error: without the pretrained condition, give --layer (the measured layer)."
 
 
 # --- what is not a user error --------------------------------------------------------------------

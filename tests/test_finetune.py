@@ -17,8 +17,9 @@ from lcd.models.hf import CausalLMSpec
 from lcd.runs import read_history
 from lcd.tasks import BitwiseTask, make_prompts
 
-BASE = config("configs/finetune/base.yaml", "configs/llm/tasks/bitwise.yaml")
-DEBUG = config("configs/finetune/debug.yaml")
+BASE = config("configs/trainer/cpu.yaml", "configs/finetune/base.yaml", "configs/llm/tasks/bitwise.yaml")
+DEBUG = config("configs/debug.yaml", "configs/llm/debug.yaml")
+CD = config("callbacks/concept_decodability.yaml")
 # the CD callback, shrunk (k must stay below the prompts per concept)
 SMALL_CD = ["--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.probe_per_concept=4", "--trainer.callbacks.k=3"]
 
@@ -34,7 +35,7 @@ def tiny_llama(tmp_path_factory):
 
 
 def args(lm, run_dir, *fragments, extra=()):
-    return [*BASE, *config(*fragments), *DEBUG, f"--model.init_args.lm.name={lm}",
+    return [*BASE, *config(*fragments), *DEBUG, *CD, f"--model.init_args.lm.name={lm}",
             f"--trainer.default_root_dir={run_dir}", *SMALL_CD, *extra]  # fmt: skip
 
 
@@ -84,10 +85,10 @@ def test_plain_and_all_and_named_concept_yaml(tiny_gemma, tmp_path):
 
 def test_paper_fragments_and_gpu_fragment(tiny_gemma, tmp_path):
     count1 = ["--model.init_args.method.init_args.layers.init_args.count=1"]
-    cpu = ["--trainer.accelerator=cpu", "--trainer.precision=32-true"]
+    cpu = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.devices=1", "--trainer.strategy=auto"]
     for fragment, layer in [("configs/finetune/early10.yaml", 0), ("configs/finetune/late10.yaml", 1)]:
         run = tmp_path / str(layer)
-        main(["fit", *args(tiny_gemma, run, "configs/finetune/gpu.yaml", fragment, extra=[*count1, *cpu])])
+        main(["fit", *args(tiny_gemma, run, "configs/trainer/gpu.yaml", fragment, extra=[*count1, *cpu])])
         assert adapter_layers(run) == [layer]
     with pytest.raises(SystemExit, match="count=10 exceeds the model's 2 layers"):
         main(["fit", *args(tiny_gemma, tmp_path / "bad", "configs/finetune/early10.yaml")])
@@ -235,7 +236,7 @@ def test_compare_writes_the_table(tiny_gemma, tmp_path):
     sets = [f"model.init_args.lm.name={tiny_gemma}", "trainer.callbacks.probe_per_concept=4", "trainer.callbacks.k=3",
             "trainer.max_steps=2"]  # fmt: skip
     common = ["--task", "configs/llm/tasks/bitwise.yaml", "--model", "configs/llm/models/gemma3_270m.yaml",
-              "--config", "configs/finetune/debug.yaml", "--out", str(out)]  # fmt: skip
+              "--config", "configs/debug.yaml", "--config", "configs/llm/debug.yaml", "--out", str(out)]  # fmt: skip
     common += [a for s in sets for a in ("--set", s)]
     compare_main(common)
     rows = list(csv.DictReader((out / "table.csv").open()))

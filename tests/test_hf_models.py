@@ -72,7 +72,7 @@ def test_presets_and_cache_dir(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("preset", HUB_PRESET_YAMLS)
 def test_hub_preset_yaml_fails_fast_through_the_cli(preset, tmp_path):
-    args = ["validate", *config(PROBE[0], preset, PROBE[1], "configs/llm/debug.yaml")]
+    args = ["validate", *config(PROBE[0], preset, PROBE[1], "configs/debug.yaml", "configs/llm/debug.yaml")]
     start = time.perf_counter()
     with pytest.raises(SystemExit, match="point at a local copy"):  # printed as the last line, exit 2
         main([*args, f"--trainer.default_root_dir={tmp_path}"])
@@ -81,7 +81,12 @@ def test_hub_preset_yaml_fails_fast_through_the_cli(preset, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_preset_runs_through_the_cli(tmp_path):
-    args = ["validate", *config(PROBE[0], "configs/llm/models/smollm2_135m.yaml", PROBE[1], "configs/llm/debug.yaml")]
+    args = [
+        "validate",
+        *config(
+            PROBE[0], "configs/llm/models/smollm2_135m.yaml", PROBE[1], "configs/debug.yaml", "configs/llm/debug.yaml"
+        ),
+    ]
     main([*args, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.eval_shots=[1]"])
     rows = (tmp_path / "probe" / "cd_per_layer.csv").read_text().splitlines()
     assert len(rows) == 1 + 30  # SmolLM2-135M has 30 layers

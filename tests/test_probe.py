@@ -85,7 +85,7 @@ def test_linear_fit_r2():
 
 
 def _run(tmp_path: Path, model_dir: Path, *configs: str, extra: tuple[str, ...] = ()) -> Path:
-    args = ["validate", *config("configs/llm/probe.yaml", *configs, "configs/llm/debug.yaml")]
+    args = ["validate", *config("configs/llm/probe.yaml", *configs, "configs/debug.yaml", "configs/llm/debug.yaml")]
     main([*args, f"--model.init_args.lm.name={model_dir}", f"--trainer.default_root_dir={tmp_path}", *extra])
     return tmp_path
 
@@ -115,7 +115,7 @@ def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml)
     concepts = list(csv.DictReader(open(run / "probe" / "concepts.csv")))
     assert len(concepts) == 2 * 7 and concepts[-1]["concept"] == "Null" and concepts[-1]["accuracy"] == ""
     patch = list(csv.DictReader(open(run / "probe" / "patching.csv")))
-    assert len(patch) == 6 and all(int(r["n"]) == 4 for r in patch)
+    assert len(patch) == 6 and all(int(r["n"]) == 11 for r in patch)
     for r in patch:
         assert float(r["base"]) == pytest.approx(m[f"probe/shots_04/acc/concept_{r['concept']}"])
     for name in ("probe_cd_per_layer", "probe_cd_vs_accuracy", "probe_patching"):
@@ -160,7 +160,7 @@ def test_bad_options_fail_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_gemma3_270m_probe_finds_concepts_above_chance(tmp_path):
     yamls = ["configs/llm/probe.yaml", "configs/llm/models/gemma3_270m.yaml", "configs/llm/tasks/bitwise.yaml"]
-    args = ["validate", *config(*yamls, "configs/llm/debug.yaml")]
+    args = ["validate", *config(*yamls, "configs/debug.yaml", "configs/llm/debug.yaml")]
     extra = ["--data.init_args.eval_shots=[4]", "--data.init_args.n_per_concept=15", "--model.init_args.k=10"]
     main([*args, *extra, f"--trainer.default_root_dir={tmp_path}"])
     m = _metrics(tmp_path)

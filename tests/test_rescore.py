@@ -30,7 +30,7 @@ def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
     assert [p.name for p in ckpts] == ["last.ckpt", "step=2.ckpt", "step=4.ckpt"]
     assert load_run(cfg, None)[0].net.y_slot == "first"  # configs/synthetic/y_first.yaml reached the model
     out = tmp_path / "post"
-    argv = ["--config", str(cfg), "--ckpt", *map(str, ckpts), "--out", str(out), "--probe-per-concept", "100"]
+    argv = ["--config", str(cfg), "--ckpt", *map(str, ckpts), "--out", str(out)]
     histories = rescore.main(
         [*argv, "--position", "query", "last_y", "--distance", "euclidean", "cosine", "--linear-probe"]
     )
@@ -40,7 +40,7 @@ def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
         assert read_history(out / f"cd_history_{position}_{distance}.csv") == rows
         assert (out / "plots" / f"cd_history_{position}_{distance}.png").is_file()
         assert all(0 <= rows[-1][f"linear/layer_{i:02d}"] <= 1 for i in range(2))
-    # Same weights, same probe set (the callback's 100 per concept), same setting: the callback's numbers
+    # Same weights, same probe set (the datamodule's, as the callback uses it), same setting: the callback's numbers
     # at the end of fit, key for key.
     (live,) = [row for row in read_history(root / HISTORY_FILE) if row["step"] == 4]
     for key in live:
@@ -77,18 +77,18 @@ def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
 
 
 def test_preset_with_cd_at_the_last_y_token(tmp_path):
-    # `make run`'s fragments (y in every coordinate, CD read by callbacks/concept_decodability_last_y.yaml):
+    # `make run`'s fragments (y in every coordinate, CD read at the preset's probe_position, the last y token):
     # the live history is the last-y-token CD of the final weights, as lcd.analysis.rescore scores it.
     cli_main([
         "fit", *config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml",
-                       "callbacks/concept_decodability_last_y.yaml"),
+                       "callbacks/concept_decodability.yaml"),
         "--config", DEBUG, *TINY_SYNTHETIC, f"--trainer.default_root_dir={tmp_path}",
     ])  # fmt: skip
     (cfg,) = tmp_path.rglob("config.yaml")
     model, _ = load_run(cfg, None)
     assert model.net.y_slot == "all"
     argv = ["--config", str(cfg), "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt")]
-    argv += ["--out", str(tmp_path / "post"), "--probe-per-concept", "100"]  # the callback's probe set
+    argv += ["--out", str(tmp_path / "post")]  # the datamodule's probe set, as the callback used it
     histories = rescore.main([*argv, "--position", "last_y", "query"])
     (live,) = [row for row in read_history(tmp_path / HISTORY_FILE) if row["step"] == 4]
     for key in live:

@@ -26,15 +26,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(arch: str, vocab_size: int):
-    """A 2-layer, d_model 16 config of ``arch`` (``llama`` or ``gemma3``)."""
+def tiny_config(arch: str, vocab_size: int, n_layers: int = 2):
+    """An ``n_layers``-layer, d_model 16 config of ``arch`` (``llama`` or ``gemma3``)."""
     from transformers import Gemma3TextConfig, LlamaConfig
 
     common = dict(
         vocab_size=vocab_size,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=n_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=8,
@@ -44,15 +44,16 @@ def tiny_config(arch: str, vocab_size: int):
         eos_token_id=2,
     )
     if arch == "gemma3":
-        return Gemma3TextConfig(**common, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+        layer_types = ["sliding_attention", "full_attention"] * (n_layers // 2) + ["sliding_attention"] * (n_layers % 2)
+        return Gemma3TextConfig(**common, sliding_window=16, layer_types=layer_types)
     return LlamaConfig(**common)
 
 
-def save_tiny_lm(path: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Save a tiny random model of ``arch`` and the byte tokenizer to ``path``; return it."""
+def save_tiny_lm(path: Path, arch: str = "llama", seed: int = 0, n_layers: int = 2) -> Path:
+    """Save a tiny random model of ``arch`` (``n_layers`` blocks) and the byte tokenizer to ``path``; return it."""
     tok = byte_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok)))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), n_layers))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

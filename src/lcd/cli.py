@@ -1,15 +1,24 @@
-"""The ``lcd`` (and ``lightning``) command: LightningCLI with lcd's run-directory conventions.
+"""The ``lcd`` command (also ``lightning`` and ``python -m lcd``): LightningCLI plus lcd's analysis tools.
 
 Usage::
 
-    lcd fit --config configs/synthetic/cpu.yaml
-    lcd fit --config configs/synthetic/cpu.yaml --config callbacks/concept_decodability.yaml
-    lcd fit --config configs/synthetic/cpu.yaml --ckpt_path last      # resume an interrupted run
+    lcd --help                                                         # every subcommand, one line each
+    lcd fit --config configs/trainer/cpu.yaml --config configs/synthetic/cpu.yaml \
+        --config callbacks/concept_decodability.yaml                   # the main job (make run)
+    lcd fit ... --ckpt_path last                                       # resume an interrupted run
+    lcd validate --config configs/llm/probe.yaml --config configs/llm/models/gemma3_270m.yaml \
+        --config configs/llm/tasks/pos.yaml                            # probe a pretrained LM
+    lcd onsets runs/synthetic_cpu/cd_history.csv                       # analysis tools: lcd <tool> --help
     lcd fit --help                                                     # every option, documented
 
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's; ``onsets``, ``rescore``, ``patch-matrix`` and
+``compare`` analyse finished runs (:mod:`lcd.analysis`). ``--config`` paths are found in the working directory
+or, failing that, among the configs shipped with the package (:mod:`lcd.configs`).
+
 Conventions added to plain LightningCLI: every logger and the checkpoints live under
-``trainer.default_root_dir`` (the run directory) unless set explicitly, and a resumed run (``--ckpt_path``)
-continues the same W&B run, the same ``csv/version_<n>/metrics.csv`` and the same step axis.
+``trainer.default_root_dir`` (the run directory) unless set explicitly; runs log to W&B and CSV unless the
+config sets ``trainer.logger``; a synthetic task's sizes are linked to its model; a resumed run
+(``--ckpt_path``) continues the same W&B run, the same ``csv/version_<n>/metrics.csv`` and the same step axis.
 
 A run directory belongs to one run. Before any work:
 
@@ -35,30 +44,36 @@ on stderr and exit status 2; ``LCD_DEBUG=1`` shows its traceback (see :mod:`lcd.
 
 from __future__ import annotations
 
-import os
+import importlib
+import re
+import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
 
+from lcd.configs import add_conventions, resolve_config_args
 from lcd.errors import user_errors
-from lcd.runs import (
-    CheckpointError,
-    RunDirectoryError,
-    RunLock,
-    UnreadableCheckpointError,
-    check_checkpoint,
-    last_checkpoint,
-    move_outputs_aside,
-    newest_intact_checkpoint,
-    run_outputs,
-)
+from lcd.runs.guard import Guarded, guard_run, launched_as_rank_zero
 
+__all__ = ["TOOLS", "LCDCLI", "main", "make_cli"]
+
+TOOLS: dict[str, tuple[str, str]] = {
+    "onsets": ("lcd.analysis.onsets", "per concept: the step its loss dropped and the step its CD rose, and the lag"),
+    "rescore": ("lcd.analysis.rescore", "CD of saved checkpoints at other positions/distances, with a linear probe"),
+    "patch-matrix": ("lcd.analysis.patch_matrix", "synthetic mean-activation patching: source x target basis"),
+    "compare": ("lcd.analysis.compare", "PAPER.md Table 1: pretrained vs early vs late finetuning vs concept named"),
+}
+"""Analysis subcommands: name -> (module with ``main(argv)``, one-line description)."""
+
+_TRAINER_COMMANDS = {
+    "fit": "train a model (synthetic pretraining, LoRA/layer finetuning), with CD tracking by callback",
+    "validate": "evaluate: the LLM probe (CD per layer, accuracy, R², patching), or a trained run",
+    "test": "run the test loop of a model",
+    "predict": "run the predict loop of a model",
+}
 _WANDB_ID_FILE = "wandb_run_id.txt"
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
-_SPECIAL_CKPT = ("best", "hpc", "registry")
 
 
 def _class_name(node: Any) -> str:
@@ -72,18 +87,13 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _launched_as_rank_zero() -> bool:
-    """Whether this process is global rank 0 (or not distributed), from the launcher's environment."""
-    return all(os.environ.get(var, "0") == "0" for var in _RANK_VARIABLES)
-
-
 def _wandb_run_id(root: Path, resuming: bool) -> str:
     """The W&B run id of this run directory: the saved one when resuming, else a new one (saved)."""
     id_file = root / _WANDB_ID_FILE
     if resuming and id_file.exists():
         return id_file.read_text().strip()
     run_id = uuid.uuid4().hex[:8]
-    if _launched_as_rank_zero():
+    if launched_as_rank_zero():
         root.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
     return run_id
@@ -97,6 +107,37 @@ def _checkpoint_dir(trainer: Any, root: Path) -> Path:
     return root / "checkpoints"
 
 
+def summarize_parse_error(message: str) -> str:
+    """One line out of jsonargparse's nested error message: the option and what is wrong with it."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]) if lines else None
+    if key is None:
+        return " ".join(lines)
+    option, rest = key.group(1), key.group(2)
+    unknown = re.findall(r"Option '([^']+)' is not accepted", message)
+    if unknown:
+        nested = re.search(r"NestedArg\(key='([^']+)'", message)
+        classes = re.findall(r"class_path '([^']+)'", message)
+        full = f"{option}.init_args.{nested.group(1)}" if nested else f"{option}.{unknown[-1]}"
+        owner = f" of {classes[-1]}" if classes else ""
+        return f"--{full}: {unknown[-1]!r} is not an option{owner}; --help lists the options."
+    skip = ("Given value", "Subtypes", "Errors", "Does not validate", "- Expected a <class 'NoneType'>")
+    detail = [line for line in lines[1:] if not line.startswith(skip)]
+    return f"--{option}: {rest or (detail[-1] if detail else '')}".rstrip(": ")
+
+
+class LCDArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors end with one ``lcd: error: <option>: <problem>`` line."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print jsonargparse's usage and message, then a one-line summary last; exit with status 2."""
+        if not self.exit_on_error:
+            super().error(message, ex)
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{message}\nlcd: error: {summarize_parse_error(message)}\n")
+        self.exit(2)
+
+
 class LCDCLI(LightningCLI):
     """LightningCLI that keeps a run's loggers, checkpoints and W&B files in its run directory and guards it.
 
@@ -105,16 +146,15 @@ class LCDCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._lock: RunLock | None = None
-        self._resume_step: int | None = None
+        self._guarded = Guarded(lock=None, resume_step=None)
         try:
             super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            if self._guarded.lock is not None:
+                self._guarded.lock.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add ``--overwrite``."""
+        """Add ``--overwrite``, the default loggers and the linked sizes (:mod:`lcd.configs`)."""
         parser.add_argument(
             "--overwrite",
             type=bool,
@@ -123,93 +163,16 @@ class LCDCLI(LightningCLI):
             "them (checkpoints/, csv/, wandb/, plots/, cd_history.csv, ...) into <run_dir>/replaced-<date>-<time>/; "
             "nothing is deleted. Without it such a fit is refused (resume it with --ckpt_path last instead).",
         )
+        add_conventions(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then guard the run directory and check the checkpoint to resume from, before any work."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
-            self._guard(subcommand, self.config[subcommand])
-
-    def _guard(self, subcommand: str, config: Any) -> None:
-        root = Path(config.trainer.default_root_dir or "runs/default")
-        if "weights_only" in config:
-            if config.weights_only is False:
-                raise CheckpointError(
-                    "--weights_only false is refused: lcd loads checkpoints only with weights_only=True, so that "
-                    "loading a checkpoint cannot run code."
-                )
-            config.weights_only = True
-        overwrite = bool(config.get("overwrite"))
-        if "overwrite" in config:
-            config.overwrite = False  # never saved as true in config.yaml, which may be reused as --config
-        rank_zero = _launched_as_rank_zero()  # DDP workers: rank 0 holds the lock and checks the directory
-        if rank_zero:  # first: a checkpoint of a run in progress may be half written
-            self._lock = RunLock(root)
-            self._lock.acquire()
-        ckpt_dir = _checkpoint_dir(config.trainer, root)
-        ckpt = self._resolve_ckpt_path(config.get("ckpt_path"), ckpt_dir)
-        if ckpt is not None:
-            self._resume_step = self._check_resume_checkpoint(config.ckpt_path, ckpt, ckpt_dir)
-        if not rank_zero or subcommand != "fit" or ckpt is not None:
-            return
-        outputs = run_outputs(root)
-        if outputs and overwrite:
-            aside = move_outputs_aside(root)
-            rank_zero_info(f"--overwrite: moved the earlier run's outputs from {root} into {aside}")
-        elif outputs:
-            shown = ", ".join(outputs[:4]) + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "")
-            elsewhere = "choose another --trainer.default_root_dir"
-            overwrite_hint = f"pass --overwrite true to move them into {root}/replaced-<date>-<time>/ and start over"
-            if last_checkpoint(ckpt_dir) is not None:
-                ways = f"Either resume it with --ckpt_path last, or {elsewhere}, or {overwrite_hint}."
-            else:
-                ways = f"It has no last.ckpt to resume from: {elsewhere}, or {overwrite_hint}."
-            raise RunDirectoryError(
-                f"{root} already holds an earlier run's outputs ({shown}); a fresh fit would replace them. {ways}"
-            )
-
-    @staticmethod
-    def _resolve_ckpt_path(value: Any, ckpt_dir: Path) -> Path | None:
-        """The local file ``--ckpt_path`` names (``last``: the newest ``last*.ckpt``, as Lightning resolves it).
-
-        ``None`` for no checkpoint, for ``last`` without one (Lightning then starts a fresh fit), and for what
-        Lightning resolves itself (``best``, ``hpc``, ``registry``, URLs).
-        """
-        if value is None:
-            return None
-        text = str(value)
-        if text == "last":
-            return last_checkpoint(ckpt_dir)
-        if text in _SPECIAL_CKPT or text.startswith("registry:") or "://" in text:
-            return None
-        return Path(text)
-
-    @staticmethod
-    def _check_resume_checkpoint(given: Any, ckpt: Path, ckpt_dir: Path) -> int:
-        """Check that ``ckpt`` is intact and safe; returns its global step.
-
-        Raises:
-            UnreadableCheckpointError: naming the newest intact checkpoint of ``ckpt_dir`` to resume from.
-
-        """
-        try:
-            saved = check_checkpoint(ckpt)
-        except UnreadableCheckpointError as err:
-            found = newest_intact_checkpoint(ckpt_dir, skip=ckpt)
-            if found is None:
-                hint = (
-                    f"No intact checkpoint is left in {ckpt_dir}: start over with --overwrite true and no "
-                    "--ckpt_path, or choose another --trainer.default_root_dir."
-                )
-            else:
-                path, step = found
-                hint = (
-                    f"The newest intact checkpoint in {ckpt_dir} is {path} (step {step}): resume with "
-                    f"--ckpt_path {path}."
-                )
-            raise UnreadableCheckpointError(f"--ckpt_path {given}: {err} {hint}") from None
-        return int(saved.get("global_step", 0))
+            config = self.config[subcommand]
+            root = Path(config.trainer.default_root_dir or "runs/default")
+            self._guarded = guard_run(subcommand, config, root, _checkpoint_dir(config.trainer, root))
 
     def before_instantiate_classes(self) -> None:
         """Point loggers and checkpoints at the run directory; continue the W&B run and CSV file on resume."""
@@ -230,11 +193,11 @@ class LCDCLI(LightningCLI):
             if lcd_logger and _class_name(logger) == "WandbLogger" and self.subcommand != "fit":
                 args.align_steps = False  # validate/test (and make_cli(run=False) users) keep W&B's counter
             if lcd_logger and _class_name(logger) == "CSVLogger" and self.subcommand == "fit":
-                # A fit's CSV is version_0 (a fresh fit never lands on an earlier run's CSV, see _guard), so
-                # a resume continues it even after validate/test runs added version_1, ...
+                # A fit's CSV is version_0 (a fresh fit never lands on an earlier run's CSV, see lcd.runs.guard),
+                # so a resume continues it even after validate/test runs added version_1, ...
                 if args.get("version") is None:
                     args.version = 0
-                args.resume_from_step = self._resume_step
+                args.resume_from_step = self._guarded.resume_step
         for callback in _as_list(trainer.callbacks):
             if _class_name(callback) == "ModelCheckpoint" and not callback.init_args.get("dirpath"):
                 callback.init_args.dirpath = str(root / "checkpoints")
@@ -244,28 +207,57 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> LCDCLI:
     """Build (and by default run) the lcd LightningCLI.
 
     Args:
-        args: Command-line arguments; ``None`` reads ``sys.argv``. Tests pass a list.
+        args: Command-line arguments without the program name; ``None`` reads ``sys.argv``. Tests pass a list.
+            ``--config`` paths are resolved by :func:`lcd.configs.find_config`.
         run: Run the subcommand; ``False`` only parses and instantiates.
 
     """
     return LCDCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        args=resolve_config_args(sys.argv[1:] if args is None else list(args)),
         run=run,
+        parser_class=LCDArgumentParser,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
 
 
-def main(args: list[str] | None = None) -> None:
+def _print_help() -> None:
+    width = max(map(len, [*_TRAINER_COMMANDS, *TOOLS]))
+    lines = [
+        "usage: lcd <command> [options]     (also: lightning <command>, python -m lcd <command>)",
+        "",
+        "Train and probe transformers for concept encoding and decoding in in-context learning.",
+        "",
+        "LightningCLI commands (--config YAML files compose; every option is documented by --help):",
+        *(f"  {name:<{width}}  {text}" for name, text in _TRAINER_COMMANDS.items()),
+        "",
+        "analysis tools:",
+        *(f"  {name:<{width}}  {text}" for name, (_, text) in TOOLS.items()),
+        "",
+        "lcd <command> --help explains every option of a command. Guide: docs/index.md.",
+    ]
+    print("\n".join(lines))
+
+
+def main(args: list[str] | None = None) -> Any:
     """Entry point of the ``lcd`` and ``lightning`` commands and of ``python -m lcd``.
 
-    A user error (see :mod:`lcd.errors`) is printed as the last line, ``lcd: error: <message>``, and
-    raises :class:`~lcd.errors.UserErrorExit` (exit status 2); ``LCD_DEBUG=1`` keeps the traceback.
+    ``lcd <tool> ...`` runs an analysis tool of :data:`TOOLS` (returning what its ``main`` returns);
+    anything else goes to LightningCLI. A user error (see :mod:`lcd.errors`) is printed as the last line,
+    ``lcd: error: <message>``, and raises :class:`~lcd.errors.UserErrorExit` (exit status 2);
+    ``LCD_DEBUG=1`` keeps the traceback.
     """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_help()
+        return None
     with user_errors("lcd"):
-        make_cli(args)
+        make_cli(argv)
+    return None
 
 
 if __name__ == "__main__":

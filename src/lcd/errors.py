@@ -1,6 +1,6 @@
 """User errors at the command line: the sentence that says what is wrong and how to fix it, printed last.
 
-Every lcd command (``lcd``, ``lightning``, ``python -m lcd`` and the ``python -m lcd.<tool>`` analysis
+Every lcd command (``lcd``, ``lightning``, ``python -m lcd``, and the ``lcd <tool>`` analysis
 tools) runs inside :func:`user_errors`. A *user error* is
 
 - a ``ValueError``, ``TypeError``, ``FileNotFoundError`` or ``ModuleNotFoundError`` raised by a ``raise``
@@ -96,7 +96,7 @@ def user_errors(prog: str) -> Iterator[None]:
     Use as a context manager or as a decorator of a command's ``main``. See the module docstring.
 
     Args:
-        prog: The command as the user typed it, e.g. ``lcd`` or ``python -m lcd.analysis.onsets``.
+        prog: The command as the user typed it, e.g. ``lcd`` or ``lcd onsets``.
 
     Raises:
         UserErrorExit: on a user error, after printing it.

@@ -2,13 +2,14 @@ r"""Table 1 of PAPER.md §5 for one task family: pretrained vs early vs late fin
 
 One command runs every condition through the real CLI and writes the table::
 
-    python -m lcd.analysis.compare --task configs/llm/tasks/bitwise.yaml \
+    lcd compare --task configs/llm/tasks/bitwise.yaml \
         --model configs/llm/models/gemma3_270m.yaml --out runs/compare/bitwise
 
 Conditions (each its own run directory under ``--out``):
 
 - ``pretrained``: the model as loaded (``lcd validate``-style evaluation, nothing trains).
-- ``early`` / ``late``: ``lcd fit`` with configs/finetune/base.yaml and the early / late fragment.
+- ``early`` / ``late``: ``lcd fit`` with the trainer fragment, configs/finetune/base.yaml, the early / late
+  fragment and callbacks/concept_decodability.yaml.
 - ``name_concept``: the pretrained model, every prompt starting with a line naming its concept.
 
 Every condition ends with the same measurement on the trained (or untouched) model: greedy exact-match
@@ -46,14 +47,8 @@ from lcd.errors import user_errors
 __all__ = ["ConditionResult", "compare", "main"]
 
 CONDITIONS = ("pretrained", "early", "late", "name_concept")
-_ROOT = Path(__file__).resolve().parents[2]  # the repository root (configs/ lives there)
 _FRAGMENTS = {"early": "configs/finetune/early.yaml", "late": "configs/finetune/late.yaml"}
 _RESULT = "result.json"  # a finished condition's measurements, beside its run
-
-
-def _fragment(path: str) -> str:
-    """A fragment path as given if it exists, else relative to the repository root."""
-    return path if Path(path).exists() or not (_ROOT / path).exists() else str(_ROOT / path)
 
 
 @dataclass
@@ -78,9 +73,9 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _condition_args(condition: str, configs: list[str], overrides: list[str], out: Path) -> list[str]:
+def _condition_args(condition: str, trainer: str, configs: list[str], overrides: list[str], out: Path) -> list[str]:
     """The ``lcd`` CLI arguments (without subcommand) of one condition."""
-    fragments = ["configs/finetune/base.yaml", *configs]
+    fragments = [trainer, "configs/finetune/base.yaml", *configs]
     extra: list[str] = []
     if condition in _FRAGMENTS:
         fragments.append(_FRAGMENTS[condition])
@@ -88,7 +83,8 @@ def _condition_args(condition: str, configs: list[str], overrides: list[str], ou
         extra.append("--model.init_args.method=null")
     if condition == "name_concept":
         fragments.append("configs/finetune/name_concept.yaml")
-    args = [a for f in fragments for a in ("--config", _fragment(f))] + overrides + extra
+    fragments.append("callbacks/concept_decodability.yaml")  # last: it appends to the trainer's callbacks
+    args = [a for f in fragments for a in ("--config", f)] + overrides + extra
     return [*args, f"--trainer.default_root_dir={out / condition}"]
 
 
@@ -111,13 +107,13 @@ def _cached_result(run_dir: Path, args: list[str]) -> ConditionResult | None:
     return ConditionResult(**saved["result"])
 
 
-def run_condition(condition: str, configs: list[str], overrides: list[str], out: Path) -> ConditionResult:
+def run_condition(condition: str, trainer: str, configs: list[str], overrides: list[str], out: Path) -> ConditionResult:
     """Build the condition's CLI (not run), fit if it trains, then measure accuracy and CD.
 
     The result is saved to ``<out>/<condition>/result.json`` and reused by a later call with the same
     arguments (see the module docstring).
     """
-    args = _condition_args(condition, configs, overrides, out)
+    args = _condition_args(condition, trainer, configs, overrides, out)
     cached = _cached_result(out / condition, args)
     if cached is not None:
         return cached
@@ -229,6 +225,7 @@ def compare(
     layer: int | None = None,
     out: str = "runs/compare",
     wandb: bool = True,
+    trainer: str = "configs/trainer/cpu.yaml",
 ) -> str:
     """Run the conditions and write the table (see the module docstring); returns its Markdown."""
     unknown = set(conditions) - set(CONDITIONS)
@@ -242,8 +239,8 @@ def compare(
     sets = [f"--{s}" if not s.startswith("--") else s for s in overrides]
     order = sorted(conditions, key=CONDITIONS.index)  # pretrained first: it picks the measured layer
     for c in order:  # a stale result.json fails here, before any condition runs
-        _cached_result(root / c, _condition_args(c, configs_all, sets, root))
-    results = [run_condition(c, configs_all, sets, root) for c in order]
+        _cached_result(root / c, _condition_args(c, trainer, configs_all, sets, root))
+    results = [run_condition(c, trainer, configs_all, sets, root) for c in order]
     if layer is None:
         layer = int(results[0].cd_row["cd/best_layer"])
     name = Path(task).stem
@@ -253,14 +250,17 @@ def compare(
     return md
 
 
-@user_errors("python -m lcd.analysis.compare")
+@user_errors("lcd compare")
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lcd.analysis.compare``: see the module docstring."""
+    """``lcd compare``: see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="python -m lcd.analysis.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lcd compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--task", required=True, help="task fragment, e.g. configs/llm/tasks/pos.yaml")
     parser.add_argument("--model", default="configs/llm/models/gemma3_270m.yaml", help="model fragment")
+    parser.add_argument(
+        "--trainer", default="configs/trainer/cpu.yaml", help="trainer fragment (configs/trainer/gpu.yaml on GPUs)"
+    )
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--config", action="append", default=[], help="extra fragment for every condition")
     parser.add_argument("--set", action="append", default=[], help="override for every condition: key=value")
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--no-wandb", action="store_true", help="skip the W&B run")
     a = parser.parse_args(argv)
-    md = compare(a.task, a.model, tuple(a.conditions), tuple(a.config), tuple(a.set), a.layer, a.out, not a.no_wandb)
+    md = compare(
+        a.task, a.model, tuple(a.conditions), tuple(a.config), tuple(a.set), a.layer, a.out, not a.no_wandb, a.trainer
+    )
     print(md)
-
-
-if __name__ == "__main__":
-    main()

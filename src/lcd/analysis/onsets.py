@@ -23,8 +23,8 @@ only do by using the concept.
 
 ::
 
-    python -m lcd.analysis.onsets runs/synthetic_cpu/cd_history.csv [--layer 3] [--window 5] [--min-rise 0.15]
-    python -m lcd.analysis.onsets runs/synthetic_cpu/cd_history.csv --decoding runs/synthetic_cpu/csv/version_0/metrics.csv
+    lcd onsets runs/synthetic_cpu/cd_history.csv [--layer 3] [--window 5] [--min-rise 0.15]
+    lcd onsets runs/synthetic_cpu/cd_history.csv --decoding runs/synthetic_cpu/csv/version_0/metrics.csv
 
 The layer defaults to the best layer of the last evaluation (``cd/best_layer``).
 """
@@ -252,11 +252,11 @@ def merge_by_step(tables: Sequence[Sequence[dict[str, float]]]) -> list[dict[str
     return [merged[step] for step in sorted(merged)]
 
 
-@user_errors("python -m lcd.analysis.onsets")
+@user_errors("lcd onsets")
 def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
     """Command line: print the onset table of one ``cd_history.csv``."""
     parser = argparse.ArgumentParser(
-        prog="python -m lcd.analysis.onsets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lcd onsets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("history", help="a cd_history.csv (the run directory's, or one from lcd.analysis.rescore)")
     parser.add_argument("--layer", type=int, help="0-based layer (default: the last evaluation's best layer)")
@@ -302,7 +302,3 @@ def main(argv: list[str] | None = None) -> tuple[int, list[ConceptOnset]]:
         parser.error(f"{files[0]}: {err}")
     print(format_onsets(layer, onsets, curve))
     return layer, onsets
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@ r"""Source-basis x target-basis patching matrix of a trained synthetic model (PA
 
 Usage, on a run directory written by ``lcd fit`` (its ``config.yaml`` and a checkpoint)::
 
-    python -m lcd.analysis.patch_matrix --config runs/synthetic_cpu/config.yaml \\
+    lcd patch-matrix --config runs/synthetic_cpu/config.yaml \\
         --ckpt runs/synthetic_cpu/checkpoints/last.ckpt [--layer 2] [--mode replace]
 
 The class means come from the datamodule's probe set, the patched prompts from its validation set
@@ -23,10 +23,10 @@ from lcd.plotting import plot_patching_matrix, save_png
 from lcd.runs import load_run
 
 
-@user_errors("python -m lcd.analysis.patch_matrix")
+@user_errors("lcd patch-matrix")
 def main(argv: list[str] | None = None) -> SyntheticPatching:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m lcd.analysis.patch_matrix", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lcd patch-matrix", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the run's config.yaml")
     parser.add_argument("--ckpt", help="checkpoint to load (default: the weights the config builds)")
     parser.add_argument("--layer", type=int, help="0-based layer; default: best CD layer on the probe set")
@@ -57,7 +57,3 @@ def main(argv: list[str] | None = None) -> SyntheticPatching:
     for s, name in enumerate(names):
         print(f"  {name:>10}: " + " ".join(f"{v:+8.4f}" for v in result.delta[s].tolist()))
     return result
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ whether a result depends on that setting (another token position, cosine instead
 a linear probe instead of k-NN), score the checkpoints a run kept (``--config
 callbacks/keep_checkpoints.yaml`` keeps one every 2,000 steps)::
 
-    python -m lcd.analysis.rescore --config runs/synthetic_cpu/config.yaml \
+    lcd rescore --config runs/synthetic_cpu/config.yaml \
         --ckpt runs/synthetic_cpu/checkpoints/step=*.ckpt --position query last_y \
         --distance euclidean cosine --linear-probe
 
@@ -73,7 +73,7 @@ def score(
     return history_row(step, layers, cd, per_concept, classes, loss_sum / loss_count.clamp(min=1))
 
 
-@user_errors("python -m lcd.analysis.rescore")
+@user_errors("lcd rescore")
 def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, float]]]:
     """Command-line entry point (see the module docstring).
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
 
     """
     parser = argparse.ArgumentParser(
-        prog="python -m lcd.analysis.rescore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lcd rescore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="the run's config.yaml (written by lcd fit)")
     parser.add_argument(
@@ -172,7 +172,3 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[dict[str, 
         save_png(plot_cd_history(rows, layers), out / "plots" / f"{name}.png")
     print(f"wrote {len(histories)} histories of {len(by_step)} checkpoints to {out}")
     return histories
-
-
-if __name__ == "__main__":
-    main()

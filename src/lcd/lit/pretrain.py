@@ -59,6 +59,11 @@ class LitPretrain(L.LightningModule):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
             self.save_hyperparameters()
+        net_config = self.hparams.get("net")
+        if isinstance(net_config, dict) and isinstance(net_config.get("init_args"), dict):
+            # The CLI links n_dims/n_pairs from the task (lcd.configs.LINKS), and a link's target is not part of
+            # the config the CLI hands over: record the sizes the network was built with, for load_from_checkpoint.
+            net_config["init_args"].update(n_dims=net.n_dims, n_pairs=net.n_pairs)
         self.net = net
         self.tail_positions = tail_positions
         if probe_position not in ("query", "last_y"):
@@ -195,7 +200,7 @@ class LitPretrain(L.LightningModule):
         return self._refs
 
     def plot_error_vs_position(self, curve: torch.Tensor, refs: dict[str, torch.Tensor], final: bool = False) -> None:
-        """Save the per-concept error-vs-position figure of this step (see :func:`lcd.plotting.plot_error_vs_position`)."""
+        """Save this step's per-concept error-vs-position figure (:func:`lcd.plotting.plot_error_vs_position`)."""
         fig = plot_error_vs_position(curve, refs, self.trainer.datamodule.concept_names, self.global_step)
         save_figure(
             self.trainer, fig, "error_vs_position_final" if final else f"error_vs_position_step{self.global_step:07d}"

@@ -162,9 +162,12 @@ def load_run(config: str | Path, ckpt: str | Path | None) -> tuple[L.LightningMo
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{path} does not exist.")
     saved = yaml.safe_load(Path(config).read_text())
+    from lcd.configs import add_conventions
+
     parser = ArgumentParser()
     parser.add_argument("--model", type=L.LightningModule)
     parser.add_argument("--data", type=L.LightningDataModule)
+    add_conventions(parser, default_loggers=False)  # the links the run was built with (config.yaml omits them)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse < 4.49
     objs = instantiate(parser.parse_object({"model": saved["model"], "data": saved["data"]}))
     model, data = objs.model, objs.data

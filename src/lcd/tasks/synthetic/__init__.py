@@ -1,5 +1,7 @@
-"""The synthetic task family: mixtures of sparse linear regressions (and function families), curricula,
-and the reference algorithms that know or do not know the latent concept.
+"""The synthetic task family: mixtures of sparse linear regressions, function families, curricula.
+
+The reference algorithms (that know, or do not know, the latent concept) are in
+:mod:`lcd.tasks.synthetic.references`.
 """
 
 from lcd.tasks.synthetic.base import ICLTask
