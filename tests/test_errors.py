@@ -75,7 +75,7 @@ def finetune_args(lm: Path, run_dir: Path) -> list[str]:
 
 def test_missing_conllu_file_names_the_option(tiny_llama, tmp_path, capsys, no_model_load):
     missing = tmp_path / "en_ewt-ud-train.conllu"
-    args = [*probe_args(tiny_llama, tmp_path, "configs/llm/tasks/pos_conllu.yaml"), f"{CONLLU_OPTION}={missing}"]
+    args = [*probe_args(tiny_llama, tmp_path, "configs/llm/tasks/pos.yaml"), f"{CONLLU_OPTION}={missing}"]
     line = last_error_line(args, capsys)
     assert line.startswith(f"lcd: error: CoNLL-U file {missing} not found: point {CONLLU_OPTION} at a .conllu file")
 
@@ -98,7 +98,7 @@ def test_bad_conllu_is_reported_with_file_and_line_before_the_model_loads(
     content, expected = BAD_CONLLU[name]
     path = tmp_path / f"{name}.conllu"
     path.write_bytes(content)
-    args = [*probe_args(tiny_llama, tmp_path / "run", "configs/llm/tasks/pos_conllu.yaml"), f"{CONLLU_OPTION}={path}"]
+    args = [*probe_args(tiny_llama, tmp_path / "run", "configs/llm/tasks/pos.yaml"), f"{CONLLU_OPTION}={path}"]
     assert last_error_line(args, capsys).startswith(f"lcd: error: {path}:{expected}")
 
 
@@ -106,7 +106,7 @@ def test_too_small_conllu_corpus_fails_when_the_task_is_built(tmp_path):
     path = tmp_path / "small.conllu"
     path.write_text(conllu_text(3))
     with pytest.raises(ValueError, match="only 3 distinct sentences with all six tags .*need 20"):
-        POSTask(conllu_path=str(path))  # before: only when the first prompts were made, after the model loaded
+        POSTask(conllu_path=str(path), sentence_rule="all_tags")  # before: only when the first prompts were made
 
 
 def test_conllu_with_a_byte_order_mark_reads_like_without(tmp_path):

@@ -63,7 +63,7 @@ def test_lexicon_categories_are_disjoint():
 
 
 def test_pos_sentences_have_all_tags_and_first_word_answers():
-    task = POSTask(n_sentences=300)
+    task = POSTask(corpus="generated", n_sentences=300)
     for s in task.split_items("train") + task.split_items("test"):
         assert s.has_all_concepts and len(s.words) == len(s.tags)
         for c in range(6):
@@ -81,7 +81,7 @@ def test_grammar_tags_are_the_lexicon_categories():
 
 
 def test_first_word_of_each_tag_sits_at_many_positions():
-    task = POSTask(n_sentences=500)
+    task = POSTask(corpus="generated", n_sentences=500)
     positions = defaultdict(set)
     for s in task.split_items("train"):
         for c in range(6):
@@ -91,11 +91,13 @@ def test_first_word_of_each_tag_sits_at_many_positions():
 
 
 def test_pos_split_is_80_20_disjoint_and_seeded():
-    task = POSTask(n_sentences=500, seed=1)
+    task = POSTask(corpus="generated", n_sentences=500, seed=1)
     train, test = task.split_items("train"), task.split_items("test")
     assert (len(train), len(test)) == (400, 100)
     assert not {s.text for s in train} & {s.text for s in test}
-    assert [s.text for s in test] == [s.text for s in POSTask(n_sentences=500, seed=1).split_items("test")]
+    assert [s.text for s in test] == [
+        s.text for s in POSTask(corpus="generated", n_sentences=500, seed=1).split_items("test")
+    ]
 
 
 CONLLU = """# text = She quickly read the old book in Paris.
@@ -137,8 +139,10 @@ def test_conllu_reader_maps_upos_and_skips_ranges_and_empty_nodes(tmp_path):
 def test_conllu_task_filters_and_fails_clearly(tmp_path):
     path = tmp_path / "toy.conllu"
     path.write_text(CONLLU)
-    with pytest.raises(ValueError, match="only 1 distinct sentences"):
-        POSTask(conllu_path=str(path)).split_items("train")
+    with pytest.raises(ValueError, match="only 1 distinct sentences with all six tags"):
+        POSTask(conllu_path=str(path), sentence_rule="all_tags")
+    with pytest.raises(ValueError, match="only 2 distinct sentences with a word"):
+        POSTask(conllu_path=str(path))
     with pytest.raises(FileNotFoundError, match="not found"):
         POSTask(conllu_path=str(tmp_path / "missing.conllu"))
     bad = tmp_path / "bad.conllu"
@@ -168,7 +172,7 @@ def _parse(text: str) -> tuple[list[tuple[str, str]], str]:
     return demos, blocks[-1].split("\n")[0].split(": ", 1)[1]
 
 
-@pytest.mark.parametrize("task", [BitwiseTask(), POSTask(n_sentences=200)], ids=["bitwise", "pos"])
+@pytest.mark.parametrize("task", [BitwiseTask(), POSTask(corpus="generated", n_sentences=200)], ids=["bitwise", "pos"])
 def test_demos_and_query_share_the_concept(task):
     items = {task.format_input(x): x for x in task.split_items("train") + task.split_items("test")}
     test_inputs = {task.format_input(x) for x in task.split_items("test")}
@@ -194,7 +198,7 @@ def test_null_prompts_are_built_the_same_way_without_a_concept():
         assert all(len(y) == 5 and set(y) <= {"0", "1"} for _, y in demos)
         consistent += any(all(task.answer(items[x], c) == y for x, y in demos) for c in range(6))
     assert consistent <= 2  # random answers almost never follow one operation on 4 demos
-    pos = POSTask(n_sentences=200)
+    pos = POSTask(corpus="generated", n_sentences=200)
     for p in make_prompts(pos, 2, 20, concepts=[pos.null_id]):
         demos, query = _parse(p.text)
         assert p.answer in query.replace(".", " ").replace(",", " ").split()
@@ -216,7 +220,7 @@ def test_prompts_are_seeded_and_share_queries_across_shot_counts():
 
 def test_encode_prompts_left_pads_and_masks_labels_to_the_answer():
     tok = byte_tokenizer()
-    prompts = make_prompts(POSTask(n_sentences=100), 1, 2, concepts=[0, 5])
+    prompts = make_prompts(POSTask(corpus="generated", n_sentences=100), 1, 2, concepts=[0, 5])
     batch = encode_prompts(tok, prompts, with_answers=True)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert (mask[:, -1] == 1).all() and (ids[mask == 0] == tok.pad_token_id).all()

@@ -125,7 +125,7 @@ def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml)
 def test_probe_pos_and_conllu_through_the_cli(tmp_path):
     model_dir = save_tiny_lm(tmp_path / "model", "llama")
     gemma = "configs/llm/models/gemma3_270m.yaml"
-    m = _metrics(_run(tmp_path / "pos", model_dir, gemma, "configs/llm/tasks/pos.yaml"))
+    m = _metrics(_run(tmp_path / "pos", model_dir, gemma, "configs/llm/tasks/pos_generated.yaml"))
     assert "probe/shots_04/acc/concept_Pronoun" in m and "probe/shots_01/cd/concept_Null" in m
     conllu = tmp_path / "toy.conllu"
     blocks = []
@@ -134,7 +134,7 @@ def test_probe_pos_and_conllu_through_the_cli(tmp_path):
         blocks.append("\n".join(f"{i}\t{w}\t{w}\t{t}\t_\t_\t0\t_\t_\t_" for i, (w, t) in enumerate(rows, 1)))
     conllu.write_text("\n\n".join(blocks) + "\n\n")
     extra = (f"--data.init_args.task.init_args.conllu_path={conllu}", "--model.init_args.generate=false")
-    m = _metrics(_run(tmp_path / "conllu", model_dir, gemma, "configs/llm/tasks/pos_conllu.yaml", extra=extra))
+    m = _metrics(_run(tmp_path / "conllu", model_dir, gemma, "configs/llm/tasks/pos.yaml", extra=extra))
     assert "probe/shots_01/cd/best" in m and "probe/shots_01/acc/mean" not in m
 
 

@@ -120,6 +120,11 @@ class ICLTextDataModule(L.LightningDataModule):
         max_length: Longest allowed sequence in tokens; ``None`` for no limit.
         seed: Seed of every prompt set and of the training order.
 
+    Raises:
+        ValueError: if a class has fewer than ``n_per_concept`` distinct queries in ``eval_split``, or too
+            few train inputs for the largest shot count (:meth:`~lcd.tasks.text.prompts.TextICLTask.check_pools`):
+            checked here, before any model loads. Training prompts may repeat queries (with other demonstrations).
+
     """
 
     def __init__(
@@ -152,6 +157,9 @@ class ICLTextDataModule(L.LightningDataModule):
         self.name_concept, self.template, self.max_length, self.seed = name_concept, template, max_length, seed
         self.tokenizer: Any = None
         self._cache: dict[tuple, list[ICLPrompt]] = {}
+        classes = range(task.null_id + 1 if include_null else task.n_concepts)
+        shots = max(*self.eval_shots, train_shots, self.probe_shots)
+        task.check_pools(n_per_concept, shots, eval_split, distinct_queries=True, concepts=classes)
 
     @property
     def concept_names(self) -> list[str]:

@@ -23,7 +23,10 @@ concept comes first (``Task: <description>``), for the "prompt names the concept
 PAPER.md §5.
 
 Splits: queries come from the requested split; demonstrations always come from the train split, so a
-test query never appears in any prompt built from the train split.
+test query never appears in any prompt built from the train split. A task may give each class its own
+pool within a split (:meth:`TextICLTask.concept_items`, e.g. POS sentences that contain the prompt's
+tag); by default every class draws from the whole split. :meth:`TextICLTask.pool_sizes` counts the
+pools and :meth:`TextICLTask.check_pools` refuses a prompt set they cannot fill, naming the class.
 """
 
 from __future__ import annotations
@@ -163,6 +166,72 @@ class TextICLTask(ABC):
         """``answer`` for a real concept, ``null_answer`` for Null."""
         return self.null_answer(item, rng) if concept == self.null_id else self.answer(item, concept)
 
+    def concept_items(self, split: Split, concept: int) -> Sequence[Any]:
+        """The inputs of ``split`` that prompts of class ``concept`` (Null: ``null_id``) may use.
+
+        Queries of a class come from its pool in the query split, demonstrations from its pool in the
+        train split. Default: the whole split, for every class.
+        """
+        return self.split_items(split)
+
+    def pool_sizes(self) -> dict[str, dict[str, int]]:
+        """Inputs each class (Null included) can use per split: ``{name: {"train": n, "test": n}}``."""
+        return {
+            name: {split: len(self.concept_items(split, c)) for split in ("train", "test")}
+            for c, name in enumerate(self.label_names)
+        }
+
+    @property
+    def input_noun(self) -> str:
+        """What an input is called in messages (plural), e.g. ``"sentences"``."""
+        return "inputs"
+
+    @property
+    def too_few_advice(self) -> str:
+        """How to fix a pool too small for the requested prompts (ends a :meth:`check_pools` message)."""
+        return "ask for fewer prompts per concept (data n_per_concept) or fewer shots, or give the task more inputs"
+
+    def check_pools(
+        self,
+        n_per_concept: int,
+        n_shots: int,
+        split: Split = "test",
+        distinct_queries: bool = True,
+        concepts: Sequence[int] | None = None,
+    ) -> None:
+        """Refuse a prompt set that a class's pool cannot fill.
+
+        A class needs at least ``n_per_concept`` query inputs in ``split`` (with ``distinct_queries``; else
+        at least one, and queries repeat with other demonstrations) and more than ``n_shots`` train inputs
+        (demonstrations are distinct and never the query).
+
+        Args:
+            n_per_concept: Prompts per class.
+            n_shots: Demonstrations per prompt (the largest shot count asked for).
+            split: Where the queries come from.
+            distinct_queries: Require a different query input for every prompt of a class.
+            concepts: Class ids to check (Null: ``null_id``); ``None``: every concept and Null.
+
+        Raises:
+            ValueError: naming the first class that has too few inputs, its count, the split and the fix.
+
+        """
+        concepts = range(self.null_id + 1) if concepts is None else concepts
+        for c in concepts:
+            name, noun = self.label_names[c], self.input_noun
+            n_queries, n_demos = len(self.concept_items(split, c)), len(self.concept_items("train", c))
+            if n_queries == 0 or (distinct_queries and n_queries < n_per_concept):
+                wanted = f"{n_per_concept} prompts with distinct queries" if distinct_queries else "any prompt"
+                raise ValueError(
+                    f"{type(self).__name__}: {name} has {n_queries} {split} {noun}, too few for {wanted}: "
+                    f"{self.too_few_advice}."
+                )
+            if n_demos <= n_shots:
+                raise ValueError(
+                    f"{type(self).__name__}: {name} has {n_demos} train {noun}, too few for {n_shots}-shot prompts "
+                    f"(need {n_shots + 1}: distinct demonstrations, never the query): {self.too_few_advice}."
+                )
+
 
 def _seed(*parts: object) -> str:
     # random.Random(str) hashes the string with SHA-512: stable across runs and PYTHONHASHSEED.
@@ -182,10 +251,13 @@ def make_prompts(
 ) -> list[ICLPrompt]:
     """Concept-balanced k-shot prompts, grouped by concept.
 
-    Each concept's queries are drawn from ``split`` without replacement (cycling through a fresh
-    shuffle if ``n_per_concept`` exceeds the pool), independently of ``n_shots``, so the same queries
-    are probed at every shot count. Demonstrations are drawn from the train split (never the query
-    itself) and answered under the same concept as the query.
+    Each concept's queries are drawn from its pool in ``split`` (:meth:`TextICLTask.concept_items`)
+    without replacement, so they are distinct while ``n_per_concept`` does not exceed the pool; beyond
+    it they cycle through a fresh shuffle (training sets may; ``ICLTextDataModule`` refuses evaluation
+    sets that would, through :meth:`TextICLTask.check_pools`). Queries are drawn independently of
+    ``n_shots``, so the same queries are probed at every shot count. Demonstrations are drawn from the
+    concept's pool in the train split (distinct, never the query itself) and answered under the same
+    concept as the query.
 
     Args:
         task: The task family.
@@ -200,24 +272,22 @@ def make_prompts(
             ``include_null``. ``None``: every concept.
 
     Raises:
-        ValueError: for a negative shot count, an empty pool, or too small a train pool for ``n_shots``.
+        ValueError: for a negative shot count, a class with an empty query pool, or too small a train pool
+            for ``n_shots`` (:meth:`TextICLTask.check_pools` with ``distinct_queries=False``).
 
     """
     template = template or PromptTemplate()
     if n_shots < 0 or n_per_concept < 1:
         raise ValueError(f"need n_shots >= 0 and n_per_concept >= 1, got {n_shots} and {n_per_concept}.")
-    pool, demo_pool = task.split_items(split), task.split_items("train")
-    if len(pool) == 0:
-        raise ValueError(f"the {split} split of {type(task).__name__} is empty: lower test_fraction or add data.")
-    if len(demo_pool) <= n_shots:
-        raise ValueError(f"{n_shots}-shot prompts need more than {n_shots} train inputs, got {len(demo_pool)}.")
     if concepts is None:
         concepts = list(range(task.n_concepts)) + ([task.null_id] if include_null else [])
     for c in concepts:
         if not 0 <= c <= task.null_id:
             raise ValueError(f"concept id {c} is out of range: use 0..{task.null_id} ({task.label_names}).")
+    task.check_pools(n_per_concept, n_shots, split, distinct_queries=False, concepts=concepts)
     prompts = []
     for c in concepts:
+        pool, demo_pool = task.concept_items(split, c), task.concept_items("train", c)
         order_rng = random.Random(_seed(seed, split, "order", c))
         order: list[int] = []
         while len(order) < n_per_concept:
