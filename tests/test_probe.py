@@ -129,7 +129,7 @@ def test_probe_pos_and_conllu_through_the_cli(tmp_path):
     assert "probe/shots_04/acc/concept_Pronoun" in m and "probe/shots_01/cd/concept_Null" in m
     conllu = tmp_path / "toy.conllu"
     blocks = []
-    for s in range(30):  # 30 distinct sentences with all six tags
+    for s in range(80):  # 80 distinct sentences with all six tags: 16 test sentences, 11 prompts per class
         rows = [(w if w != "book" else f"book{s}", t) for w, t in CONLLU_ROWS]
         blocks.append("\n".join(f"{i}\t{w}\t{w}\t{t}\t_\t_\t0\t_\t_\t_" for i, (w, t) in enumerate(rows, 1)))
     conllu.write_text("\n\n".join(blocks) + "\n\n")
