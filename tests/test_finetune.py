@@ -55,7 +55,7 @@ def test_strategy_swap_is_one_config_change(tiny_gemma, tmp_path):
         assert [r["step"] for r in rows] == [0, 2, 4] and {"cd/layer_00", "cd/layer_01"} <= rows[0].keys()
         (metrics,) = run.glob("csv/version_*/metrics.csv")
         header = metrics.read_text().splitlines()[0].split(",")
-        assert {"train/loss", "val/shots_02/acc/concept_XNOR", "val/shots_01/acc/mean", "cd/best"} <= set(header)
+        assert {"train/loss", "val/shots_04/acc/concept_XNOR", "val/shots_01/acc/mean", "cd/best"} <= set(header)
 
 
 def test_late_lora_cannot_change_cd_upstream(tiny_llama, tmp_path):
