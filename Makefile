@@ -1,4 +1,5 @@
-# Two commands: `make run` (set up, then the main job) and `make test` (set up, then the tests).
+# `make run` (set up, then the main job), `make test` (set up, then every test: what CI runs) and
+# `make test-fast` (set up, then the fast tests of every module: pytest -m "not slow").
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 # torch would download a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test lint
+.PHONY: setup run test test-fast lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +23,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks

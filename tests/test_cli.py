@@ -1,14 +1,13 @@
 """Every YAML in configs/ and callbacks/ through the real CLI, in-process, with tiny dims."""
 
 import csv
-import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
+from conftest import DEBUG, TINY_SYNTHETIC, config
 
 from lcd.analysis.onsets import concept_onsets, format_onsets
 from lcd.cli import main, make_cli
@@ -29,6 +28,7 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # torch.compile of the preset's training step
 def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
     # The last callback is the one the CD fragment added. The preset's torch.compile stays on here, so the
     # compiled training step runs beside the CD callback's hooks.
@@ -39,7 +39,9 @@ def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
     assert "probe/loss/concept_0" in history[0]
     # The onset table at fit end is the one lcd.analysis.onsets reads from the saved history.
     assert (run_dir / "cd_onsets.txt").read_text() == format_onsets(*concept_onsets(history)) + "\n"
-    assert all(0 <= row["cd/best"] <= 1 for row in history)
+    for row in history:  # the best layer is the one with the highest CD
+        layers = [row["cd/layer_00"], row["cd/layer_01"]]
+        assert row["cd/best"] == max(layers) and row["cd/best_layer"] == layers.index(max(layers)), row
     rows = metrics_rows(run_dir)
     keys = set().union(*rows)
     assert {"train/loss", "val/mse", "val/mse/concept_0", "val/ratio_true_basis/concept_3", "cd/layer_01"} <= keys
@@ -59,6 +61,7 @@ def test_fit_cpu_preset_with_cd_writes_everything(run_dir):
         torch.testing.assert_close(tensor, saved[name], msg=name)
 
 
+@pytest.mark.slow  # two fits
 def test_train_loss_curve_does_not_depend_on_the_logging_cadence(tmp_path):
     # LitPretrain calls self.log only on the steps the loggers write: each written value must still be
     # that step's own loss (the same seed logging every step gives the reference).
@@ -74,6 +77,7 @@ def test_train_loss_curve_does_not_depend_on_the_logging_cadence(tmp_path):
         assert loss == pytest.approx(curves[1][step], rel=1e-6), step
 
 
+@pytest.mark.slow  # three fits
 def test_resume_continues_the_same_run_and_cd_history(tmp_path):
     fragment = tmp_path / "every2.yaml"
     fragment.write_text(
@@ -162,14 +166,23 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def test_lightning_command_and_python_m_lcd(tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline")
+@pytest.mark.slow  # two fits
+def test_lightning_command_and_python_m_lcd(tmp_path, monkeypatch):
+    # The installed `lightning` script and `python -m lcd`, run in this process with their own sys.argv (a real
+    # `lcd` process: test_errors.py; a real `python -m lcd` process: test_ddp.py).
     common = [*CPU, "--config", DEBUG, *TINY_SYNTHETIC]
-    for cmd, out in [([_bin("lightning")], tmp_path / "a"), ([sys.executable, "-m", "lcd"], tmp_path / "b")]:
-        proc = subprocess.run([*cmd, "fit", *common, f"--trainer.default_root_dir={out}"], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert (out / "checkpoints" / "last.ckpt").exists()
+    commands = {
+        "lightning": lambda: runpy.run_path(_bin("lightning"), run_name="__main__"),
+        "python -m lcd": lambda: runpy.run_module("lcd", run_name="__main__", alter_sys=True),
+    }
+    for i, (name, run) in enumerate(commands.items()):
+        out = tmp_path / str(i)
+        monkeypatch.setattr(sys, "argv", [name, "fit", *common, f"--trainer.default_root_dir={out}"])
+        try:
+            run()
+        except SystemExit as exit_:  # the console script ends with sys.exit(main())
+            assert exit_.code in (0, None), name
+        assert (out / "checkpoints" / "last.ckpt").exists(), name
 
 
 def test_lcd_help_lists_every_subcommand_and_each_tool_explains_its_options(capsys):
@@ -201,14 +214,16 @@ def test_a_misspelt_option_ends_in_one_line_naming_it(capsys, tmp_path):
     assert last == "lcd: error: --trainer.max_steps: Expected a <class 'int'>. Got value: abc"
 
 
-def test_help_explains_every_option():
+def test_help_explains_every_option(capsys):
     helps = {
         "--model.help": ("lcd.lit.LitPretrain", ["tail_positions", "How many final context positions"]),
         "--data.help": ("lcd.data.SyntheticICLDataModule", ["probe_per_concept", "Prompts per concept in the probe"]),
         "--trainer.callbacks.help": ("lcd.callbacks.ConceptDecodability", ["every_n_steps", "Evaluate every"]),
     }
     for flag, (cls, needles) in helps.items():
-        proc = subprocess.run([_bin("lcd"), "fit", flag, cls], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", flag, cls])
+        assert exit_.value.code in (0, None)
+        text = " ".join(capsys.readouterr().out.split())  # as wrapped at any terminal width
         for needle in needles:
-            assert needle in proc.stdout, (flag, needle)
+            assert needle in text, (flag, needle)

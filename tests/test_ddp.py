@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 
+from lcd.cli import main
 from lcd.decodability import ConceptDecodabilityMetric
 from lcd.runs import read_history
 
@@ -39,7 +40,7 @@ def test_metric_under_ddp_equals_one_process():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2)
+    mp.start_processes(_worker, args=(port, out), nprocs=2, start_method="fork")  # no second start-up of torch
     features, labels = _data()
     single = ConceptDecodabilityMetric()
     single.update(features, labels)
@@ -52,13 +53,12 @@ def test_callback_under_ddp_equals_one_process(tmp_path):
     args = [*config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml", "callbacks/concept_decodability.yaml"),
             "--config", DEBUG, *TINY_SYNTHETIC, "--trainer.max_steps=2",
             "--data.init_args.eval_batch_size=10"]  # fmt: skip
-    env = dict(os.environ, WANDB_MODE="offline")
-    for name, extra in [("single", []), ("ddp", ["--trainer.strategy=ddp", "--trainer.devices=2"])]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lcd", "fit", *args, *extra, f"--trainer.default_root_dir={tmp_path / name}"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'single'}"])  # the reference, in this process
+    # DDP needs its own command: Lightning starts rank 1 by running the command line of rank 0 again.
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path / 'ddp'}"]
+    proc = subprocess.run([sys.executable, "-m", "lcd", "fit", *args, *ddp], env=dict(os.environ, WANDB_MODE="offline"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     single = read_history(tmp_path / "single" / "cd_history.csv")[0]
     ddp = read_history(tmp_path / "ddp" / "cd_history.csv")[0]
     assert single["step"] == ddp["step"] == 0

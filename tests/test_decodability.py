@@ -139,20 +139,11 @@ def test_duplicate_points_break_ties_by_lower_index():
 
 
 @pytest.mark.slow
-def test_gemma3_270m_residual_streams_give_float64_predictions():
-    # One forward pass of 105 bitwise prompts (7 classes x 15, Null included, 4 shots). The old float32
-    # formulation got 79 / 45 / 38 predictions of layers 0 / 1 / 2 wrong on exactly these features.
-    from lcd.data.text import ICLTextDataModule
-    from lcd.lit.generation import capture_and_generate
-    from lcd.models.hf import load_causal_lm
-    from lcd.tasks import BitwiseTask
-
-    lm = load_causal_lm("gemma3-270m")
-    dm = ICLTextDataModule(BitwiseTask(), eval_shots=[4], n_per_concept=15)
-    dm.set_tokenizer(lm.tokenizer)
-    (batch,) = dm.loader(dm.eval_prompts(4), batch_size=105)
-    features, _ = capture_and_generate(lm.model, batch["input_ids"], batch["attention_mask"])  # (18, 105, 640)
-    labels = batch["concept"]
+def test_gemma3_270m_residual_streams_give_float64_predictions(gemma_bitwise_probe):
+    # The residual streams of 105 bitwise prompts (7 classes x 15, Null included, 4 shots) that the Gemma probe
+    # computed CD from (conftest: one forward pass shared with the probe's test). The old float32 formulation got
+    # 79 / 45 / 38 predictions of layers 0 / 1 / 2 wrong on such features.
+    _, features, labels = gemma_bitwise_probe
     assert features.shape == (18, 105, 640)
     ours = knn_loo_predictions(features, labels)  # all layers at once
     for layer in range(18):
@@ -218,7 +209,8 @@ def test_k_at_least_the_smallest_concept_is_refused():
     y[:5] = 4  # concept 4: 5 points; concept 0: 15
     with pytest.raises(ValueError, match=r"concept 4 has only 5 points.*set k to at most 4"):
         layerwise_decodability(torch.stack([x, x]), y)
-    assert concept_decodability(x, y, k=4) > 0  # the largest usable k runs
+    reference = (torch.tensor(sklearn_loo(x, y, k=4)) == y).double().mean().item()
+    assert concept_decodability(x, y, k=4) == pytest.approx(reference)  # the largest usable k runs
 
 
 @pytest.mark.parametrize("distance", ["manhattan", "Cosine", "EUCLIDEAN"])

@@ -215,6 +215,7 @@ def test_bugs_and_lcd_debug_keep_the_traceback(run_dir, monkeypatch):
         main([*args, "--data.init_args.task.init_args.rank=3"])
 
 
+@pytest.mark.slow  # a real `lcd` process
 def test_console_script_prints_the_fix_last(run_dir):
     # The real command: a separate process, whose stderr also holds whatever Lightning printed before.
     lcd = str(Path(sys.executable).parent / "lcd")

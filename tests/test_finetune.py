@@ -43,6 +43,7 @@ def adapter_layers(run_dir):
     return json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["layers_to_transform"]
 
 
+@pytest.mark.slow  # two fits
 def test_strategy_swap_is_one_config_change(tiny_gemma, tmp_path):
     early, late = tmp_path / "early", tmp_path / "late"
     main(["fit", *args(tiny_gemma, early, "configs/finetune/early.yaml")])
@@ -83,6 +84,7 @@ def test_plain_and_all_and_named_concept_yaml(tiny_gemma, tmp_path):
     assert (run / "adapter" / "trainable.safetensors").exists()
 
 
+@pytest.mark.slow  # two fits
 def test_paper_fragments_and_gpu_fragment(tiny_gemma, tmp_path):
     count1 = ["--model.init_args.method.init_args.layers.init_args.count=1"]
     cpu = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.devices=1", "--trainer.strategy=auto"]
@@ -167,6 +169,7 @@ def test_probe_returns_query_features_labels_and_loss(tiny_llama):
         module.probe(batch, [0], position="middle")
 
 
+@pytest.mark.slow  # a fit, then a merged export
 def test_adapter_save_load_merge_through_the_module(tiny_llama, tmp_path):
     run = tmp_path / "run"
     main(["fit", *args(tiny_llama, run, "configs/finetune/late.yaml", extra=["--optimizer.init_args.lr=0.05"])])
@@ -193,6 +196,7 @@ def LayerList_0():  # noqa: N802
     return LayerList([0])
 
 
+@pytest.mark.slow  # three fits
 def test_resume_gives_the_same_adapter(tiny_gemma, tmp_path):
     every2 = tmp_path / "every2.yaml"
     every2.write_text(
@@ -229,6 +233,7 @@ def test_validate_the_pretrained_baseline(tiny_gemma, tmp_path):
         main(["fit", *args(tiny_gemma, tmp_path / "x", extra=["--model.init_args.method=null"])])
 
 
+@pytest.mark.slow  # four conditions
 def test_compare_writes_the_table(tiny_gemma, tmp_path):
     from lcd.analysis.compare import main as compare_main
 
@@ -241,8 +246,15 @@ def test_compare_writes_the_table(tiny_gemma, tmp_path):
     compare_main(common)
     rows = list(csv.DictReader((out / "table.csv").open()))
     assert [r["condition"] for r in rows] == ["pretrained", "early", "late", "name_concept"]
-    assert all(0 <= float(r["cd_mean"]) <= 1 and 0 <= float(r["acc_mean"]) <= 100 for r in rows)
-    assert all(0 <= float(r["cd_pooled"]) <= 1 for r in rows)  # the pooled classifier over concepts + Null
+    names = BitwiseTask().concept_names
+    for r in rows:  # each row: its condition's measurements (result.json) at the table's layer, and their means
+        cd_row = json.loads((out / r["condition"] / "result.json").read_text())["result"]["cd_row"]
+        cds = [cd_row[f"cd/layer_{int(r['layer']):02d}/concept_{k}"] for k in range(len(names))]
+        assert [float(r[f"cd_{n}"]) for n in names] == pytest.approx(cds, abs=1e-4)
+        assert float(r["cd_mean"]) == pytest.approx(sum(cds) / len(cds), abs=1e-4)
+        assert float(r["acc_mean"]) == pytest.approx(100 * sum(float(r[f"acc_{n}"]) for n in names) / 6, abs=1e-2)
+        # the pooled classifier over concepts + Null
+        assert float(r["cd_pooled"]) == pytest.approx(cd_row[f"cd/layer_{int(r['layer']):02d}"], abs=1e-4)
     assert len({r["layer"] for r in rows}) == 1
     md = (out / "table.md").read_text()
     assert "mean ± sd over 6 concepts" in md and "| late |" in md

@@ -107,6 +107,7 @@ def test_loss_counts_y_predictions_only():
         handle.remove()
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_training_step_matches_the_plain_one():
     batch = SparseRegressionTask(n_dims=4, n_concepts=2, rank=2, n_pairs=6).sample(8, torch.Generator().manual_seed(0))
     modules = {flag: LitPretrain(tiny().train(), compile=flag) for flag in (False, True)}

@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny_lm import save_tiny_lm
 
-from lcd.activations import capture_residual, find_decoder_layers
+from lcd import patching
+from lcd.activations import capture_residual, find_decoder_layers, last_token_positions
 from lcd.data import fixed_batches
 from lcd.data.text import encode_prompts
 from lcd.lit.generation import answer_budget, capture_and_generate, decode_answers, exact_match
@@ -59,14 +60,25 @@ def test_class_means_and_patch_values():
         class_means(feats, torch.tensor([0, 0, 1, 1]), 3)
 
 
-def test_llm_patching_reports_accuracy_per_concept(tiny):
+def test_llm_patching_reports_accuracy_per_concept(tiny, monkeypatch):
     task = BitwiseTask()
     means = [encode_prompts(tiny.tokenizer, make_prompts(task, 1, 2, split="train"))]
     evals = [encode_prompts(tiny.tokenizer, make_prompts(task, 1, 3))]
+    applied = []  # (layer, positions, value, mode) of every patch: a random tiny model's answers never change
+    real_patch = patching.patch_residual
+    monkeypatch.setattr(patching, "patch_residual", lambda m, *args: applied.append(args) or real_patch(m, *args))
     out = llm_patching(tiny.model, tiny.tokenizer, means, evals, layer=-1, null_id=6)
     assert out.layer == 1 and out.base.shape == out.positive.shape == out.negative.shape == (6,)
     assert out.n.tolist() == [3.0] * 6
-    assert ((out.positive >= 0) & (out.positive <= 1)).all()
+    # positive: each prompt's own class mean at the last prompt token of layer 1; negative: the Null mean
+    feats, _ = capture_and_generate(tiny.model, means[0]["input_ids"], means[0]["attention_mask"], [1])
+    expected = class_means(feats[0], means[0]["concept"], 7)
+    keep = evals[0]["concept"] < 6
+    positions = last_token_positions(evals[0]["attention_mask"][keep])
+    assert [(layer, mode) for layer, _, _, mode in applied] == [(1, "replace"), (1, "replace")]
+    for (_, where, value, _), source in zip(applied, [evals[0]["concept"][keep], torch.full((18,), 6)], strict=True):
+        assert torch.equal(where, positions)
+        torch.testing.assert_close(value, expected[source])
     # the unpatched baseline (plain generate) agrees with the probe's capture+generate path
     batch = evals[0]
     keep = batch["concept"] < 6

@@ -100,14 +100,20 @@ def _metrics(run: Path) -> dict[str, float]:
     "arch,model_yaml",
     [("gemma3", "configs/llm/models/gemma3_270m.yaml"), ("llama", "configs/llm/models/smollm2_135m.yaml")],
 )
-def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml):
+def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml, monkeypatch):
     model_dir = save_tiny_lm(tmp_path / "model", arch)
+    # A random tiny model answers nothing right: plant exact match = True, so accuracy has a value to get right.
+    monkeypatch.setattr("lcd.lit.probe.exact_match", lambda predictions, answers: torch.ones(len(answers), dtype=bool))
     run = _run(tmp_path / "run", model_dir, model_yaml, "configs/llm/tasks/bitwise.yaml", "configs/llm/patching.yaml")
     m = _metrics(run)
     for shots in ("01", "04"):
         assert {f"probe/shots_{shots}/cd/layer_00", f"probe/shots_{shots}/cd/layer_01"} <= m.keys()
-        assert 0 <= m[f"probe/shots_{shots}/cd/best"] <= 1 and m[f"probe/shots_{shots}/cd/best_layer"] in (0, 1)
-        assert 0 <= m[f"probe/shots_{shots}/acc/concept_XNOR"] <= 1
+        cds = [m[f"probe/shots_{shots}/cd/layer_00"], m[f"probe/shots_{shots}/cd/layer_01"]]  # best: the argmax
+        assert (m[f"probe/shots_{shots}/cd/best"], m[f"probe/shots_{shots}/cd/best_layer"]) == (
+            max(cds),
+            cds.index(max(cds)),
+        )
+        assert m[f"probe/shots_{shots}/acc/concept_XNOR"] == m[f"probe/shots_{shots}/acc/mean"] == 1.0
     assert m["probe/chance"] == pytest.approx(1 / 7)
     assert "probe/shots_04/patch/positive/concept_AND" in m and m["probe/shots_04/patch/layer"] in (0, 1)
     rows = list(csv.DictReader(open(run / "probe" / "cd_per_layer.csv")))
@@ -158,17 +164,14 @@ def test_bad_options_fail_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma3_270m_probe_finds_concepts_above_chance(tmp_path):
-    yamls = ["configs/llm/probe.yaml", "configs/llm/models/gemma3_270m.yaml", "configs/llm/tasks/bitwise.yaml"]
-    args = ["validate", *config(*yamls, "configs/debug.yaml", "configs/llm/debug.yaml")]
-    extra = ["--data.init_args.eval_shots=[4]", "--data.init_args.n_per_concept=15", "--model.init_args.k=10"]
-    main([*args, *extra, f"--trainer.default_root_dir={tmp_path}"])
-    m = _metrics(tmp_path)
+def test_gemma3_270m_probe_finds_concepts_above_chance(gemma_bitwise_probe):
+    run, _, _ = gemma_bitwise_probe  # conftest: the Gemma YAMLs through `lcd validate`, 4 shots, 15 per class, k 10
+    m = _metrics(run)
     chance = m["probe/chance"]
     cds = sorted(m[f"probe/shots_04/cd/concept_{c}"] for c in ["AND", "NAND", "OR", "NOR", "XOR", "XNOR"])
     assert m["probe/shots_04/cd/best"] > 2 * chance
     assert cds[-1] > 3 * chance and cds[-2] > 2 * chance  # the best-encoded concepts stand well above chance
-    assert len(list(csv.DictReader(open(tmp_path / "probe" / "cd_per_layer.csv")))) == 18
+    assert len(list(csv.DictReader(open(run / "probe" / "cd_per_layer.csv")))) == 18
 
 
 def test_probe_without_null_class(tmp_path):

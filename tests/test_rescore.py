@@ -8,7 +8,8 @@ from conftest import DEBUG, TINY_SYNTHETIC, config
 
 from lcd.analysis import rescore
 from lcd.cli import main as cli_main
-from lcd.runs import HISTORY_FILE, load_run, read_history
+from lcd.decodability import linear_probe_accuracy
+from lcd.runs import HISTORY_FILE, load_run, load_weights, read_history
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,14 @@ def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
         assert [row["step"] for row in rows] == [2, 4]  # sorted, last.ckpt scored once
         assert read_history(out / f"cd_history_{position}_{distance}.csv") == rows
         assert (out / "plots" / f"cd_history_{position}_{distance}.png").is_file()
-        assert all(0 <= rows[-1][f"linear/layer_{i:02d}"] <= 1 for i in range(2))
-    # Same weights, same probe set (the datamodule's, as the callback uses it), same setting: the callback's numbers
+    # The linear probe of each layer read that layer's features at that position (recomputed at step 4).
+    model, data = load_run(cfg, None)
+    assert load_weights(model, ckpts[-1]) == 4
+    for position in ("query", "last_y"):
+        features, labels, _ = rescore.probe_features(model.eval(), list(data.probe_dataloader(100)), [0, 1], position)
+        linear = [linear_probe_accuracy(features[i], labels) for i in range(2)]
+        assert [histories[position, "cosine"][-1][f"linear/layer_{i:02d}"] for i in range(2)] == linear
+    # Same weights, same probe set (the callback's 100 per concept), same setting: the callback's numbers
     # at the end of fit, key for key.
     (live,) = [row for row in read_history(root / HISTORY_FILE) if row["step"] == 4]
     for key in live:
@@ -76,6 +83,7 @@ def test_bad_input_fails_before_scoring(fitted, tmp_path, capsys):
     assert not list(tmp_path.glob("*.csv"))
 
 
+@pytest.mark.slow  # a fit, then rescoring
 def test_preset_with_cd_at_the_last_y_token(tmp_path):
     # `make run`'s fragments (y in every coordinate, CD read at the preset's probe_position, the last y token):
     # the live history is the last-y-token CD of the final weights, as lcd.analysis.rescore scores it.

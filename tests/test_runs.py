@@ -1,12 +1,14 @@
 """Runs that lose nothing: safe checkpoint loading, guarded run directories, exact resume in W&B and CSV."""
 
 import csv
+import multiprocessing
 import os
 import pickle
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,6 +173,7 @@ def test_corrupted_and_missing_checkpoints_are_named(finished, tmp_path):
 # --- item 4: a run directory belongs to one run -------------------------------------------------------------
 
 
+@pytest.mark.slow  # a validate and two fits
 def test_fresh_fit_into_a_used_run_directory_is_refused_and_overwrite_moves_it_aside(used, every2):
     history = (used / "cd_history.csv").read_text()
     n_rows = len(read_history(used / "cd_history.csv"))
@@ -205,21 +208,27 @@ def test_fresh_fit_into_a_used_run_directory_is_refused_and_overwrite_moves_it_a
     assert "overwrite: false" in saved_config.read_text()  # reusing the saved config never overwrites
 
 
+def _hold_lock(run: Path, ready) -> None:
+    RunLock(run).acquire()
+    ready.send("locked")
+    time.sleep(600)
+
+
 def test_second_process_on_a_run_directory_is_refused(tmp_path, every2):
     run = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom lcd.runs import RunLock\nRunLock(sys.argv[1]).acquire()\n"
-         "print('locked', flush=True)\ntime.sleep(600)", str(run)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    fork = multiprocessing.get_context("fork")  # a second process without a second start-up of Python and torch
+    ready, child_end = fork.Pipe()
+    holder = fork.Process(target=_hold_lock, args=(run, child_end), daemon=True)
+    holder.start()
+    child_end.close()  # the holder's end only: if it dies before locking, recv() raises EOFError
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert ready.recv() == "locked"
         with refused(RunDirectoryError, match=rf"{run} is in use by another process \(PID {holder.pid} on "):
             main(fit_args(run, every2))
         assert not (run / "checkpoints").exists()
     finally:
         holder.kill()  # as kill -9: the operating system releases its lock
-        holder.wait()
+        holder.join()
     lock = RunLock(run)
     lock.acquire()
     lock.release()
