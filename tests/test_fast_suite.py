@@ -35,7 +35,7 @@ def is_slow(node: ast.AST) -> bool:
     return any(isinstance(n, ast.Attribute) and n.attr == "slow" for n in ast.walk(node))
 
 
-class TestFile:
+class SourceFile:
     """The names each part of one test file uses, and where its imported names come from."""
 
     def __init__(self, path: Path, modules: dict[str, Path]) -> None:
@@ -113,7 +113,7 @@ class TestFile:
         ]
 
 
-def fixtures_of(file: TestFile) -> dict[str, ast.FunctionDef]:
+def fixtures_of(file: SourceFile) -> dict[str, ast.FunctionDef]:
     return {
         n.name: n
         for n in file.tree.body
@@ -124,10 +124,10 @@ def fixtures_of(file: TestFile) -> dict[str, ast.FunctionDef]:
 def modules_reached_by_fast_tests() -> dict[str, set[str]]:
     """lcd module -> the fast tests that use it."""
     modules = lcd_modules()
-    conftest = TestFile(ROOT / "tests" / "conftest.py", modules)
+    conftest = SourceFile(ROOT / "tests" / "conftest.py", modules)
     reached: dict[str, set[str]] = {}
     for path in sorted((ROOT / "tests").glob("test_*.py")):
-        file = TestFile(path, modules)
+        file = SourceFile(path, modules)
         fixtures = {**fixtures_of(conftest), **fixtures_of(file)}
         for test in file.fast_tests():
             for name in file.used(test, fixtures):

@@ -233,6 +233,26 @@ def test_validate_the_pretrained_baseline(tiny_gemma, tmp_path):
         main(["fit", *args(tiny_gemma, tmp_path / "x", extra=["--model.init_args.method=null"])])
 
 
+def test_compare_table_states_what_late_finetuning_cannot_change(tmp_path):
+    from lcd.analysis.compare import ConditionResult, write_table
+
+    names = ["A", "B"]
+
+    def result(condition, layers, cds, accs):
+        row = {"cd/layer_01": 0.5, **{f"cd/layer_01/concept_{k}": v for k, v in enumerate(cds)}}
+        return ConditionResult(condition, condition, layers, 4, dict(zip(names, accs, strict=True)), row, 4, names)
+
+    results = [result("pretrained", None, [0.2, 0.4], [0.1, 0.3]), result("late", [2, 3], [0.2, 0.4], [0.5, 0.7])]
+    md = write_table(results, 1, tmp_path, "bitwise")
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert [r["condition"] for r in rows] == ["pretrained", "late"]
+    assert [float(rows[1][k]) for k in ("cd_mean", "acc_mean", "cd_A", "acc_B")] == pytest.approx([0.3, 60, 0.2, 0.7])
+    assert "Late-layer finetuning (layers 2-3) cannot change CD measured at layer 1" in md
+    assert "| late | late | 0.30 ± 0.14 | 60.0 ± 14.1 | 0.50 |" in md
+    md = write_table([result("late", [1, 3], [0.2, 0.4], [0.5, 0.7])], 1, tmp_path, "bitwise")
+    assert "lies inside or above the late group" in md
+
+
 @pytest.mark.slow  # four conditions
 def test_compare_writes_the_table(tiny_gemma, tmp_path):
     from lcd.analysis.compare import main as compare_main

@@ -208,6 +208,30 @@ def test_fresh_fit_into_a_used_run_directory_is_refused_and_overwrite_moves_it_a
     assert "overwrite: false" in saved_config.read_text()  # reusing the saved config never overwrites
 
 
+def test_guard_refuses_a_fresh_fit_over_outputs_and_moves_them_aside_on_overwrite(tmp_path):
+    from jsonargparse import Namespace
+
+    from lcd.runs.guard import guard_run
+
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "step=2.ckpt").write_bytes(b"x")
+    (root / "cd_history.csv").write_text("step\n0\n")
+    with pytest.raises(RunDirectoryError, match="It has no last.ckpt to resume from"):
+        guard_run("fit", Namespace(ckpt_path=None, overwrite=False), root, root / "checkpoints")
+    assert (root / "cd_history.csv").is_file()
+    guarded = guard_run("validate", Namespace(ckpt_path=None), root, root / "checkpoints")  # evaluation: allowed
+    guarded.lock.release()
+    config = Namespace(ckpt_path=None, overwrite=True, weights_only=None)
+    guarded = guard_run("fit", config, root, root / "checkpoints")
+    guarded.lock.release()
+    (aside,) = root.glob("replaced-*")
+    assert (aside / "cd_history.csv").read_text() == "step\n0\n" and not (root / "cd_history.csv").exists()
+    assert config.overwrite is False and config.weights_only is True  # as config.yaml saves them
+    with pytest.raises(CheckpointError, match="--weights_only false is refused"):
+        guard_run("fit", Namespace(ckpt_path=None, weights_only=False), root, root / "checkpoints")
+
+
 def _hold_lock(run: Path, ready) -> None:
     RunLock(run).acquire()
     ready.send("locked")
