@@ -13,7 +13,10 @@ Gemma's tokenizer), concepts and Null mixed as the probe serves them, on Gemma 3
   greedy ``model.generate`` of the answer (``answer_budget`` tokens).
 
 The naive loop runs on every ``--naive-every``-th prompt (it takes ~10 s a prompt); both rates are per
-prompt and per real token, so the ratio is taken on the same kind of prompts. The features of both must
+prompt and per real token, so the ratio is taken on the same kind of prompts. Times are wall and CPU
+seconds of this process (the CPU ratio is the steadier one while other jobs share the cores).
+``--breakdown`` also times lcd with each of its choices undone (default MKL linears, the given prompt
+order, no stop at the answer's line break) and all three undone. The features of both must
 agree on the shared prompts (asserted; the last layer differs by design: hidden_states applies the final
 norm) and so must the answers. Targets (issue 20): lcd >= 4x naive, padding <= 15% of the tokens lcd
 computes. Use one thread count for both (``OMP_NUM_THREADS``; 1 on a shared machine).
