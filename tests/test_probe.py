@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,11 @@ from tiny_lm import save_tiny_lm
 
 from lcd.analysis.stats import linear_fit
 from lcd.cli import main
-from lcd.data.text import encode_prompts
-from lcd.lit.generation import capture_and_generate, decode_answers, exact_match, greedy_generate
+from lcd.data.text import ICLTextDataModule, encode_prompts
+from lcd.lit import LitProbe
+from lcd.lit.generation import capture_and_generate, decode_answers, exact_match, greedy_generate, onednn_linears
 from lcd.models.hf import load_causal_lm
-from lcd.tasks import BitwiseTask, make_prompts
+from lcd.tasks import BitwiseTask, POSTask, make_prompts
 
 CONLLU_ROWS = [
     ("She", "PRON"), ("quickly", "ADV"), ("read", "VERB"), ("the", "DET"), ("old", "ADJ"), ("book", "NOUN"),
@@ -79,6 +82,67 @@ def test_linear_fit_r2():
     assert slope == pytest.approx(2) and intercept == pytest.approx(0) and r2 == pytest.approx(1)
     assert linear_fit([0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0])[2] == pytest.approx(0)
     assert linear_fit([0.5, 0.5], [0.1, 0.2])[2] != linear_fit([0.5, 0.5], [0.1, 0.2])[2]  # nan: constant x
+
+
+def test_length_sorted_batches_give_each_prompt_the_same_results(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    dm = ICLTextDataModule(POSTask(n_sentences=100), eval_shots=[2], n_per_concept=3, eval_batch_size=4)
+    dm.set_tokenizer(tok)
+    prompts = dm.eval_prompts(2)  # 21 prompts of mixed byte lengths, grouped by concept
+
+    def run(by_length: bool):
+        feats, gens, index, computed = [], [], [], 0
+        for b in dm.loader(prompts, by_length=by_length):
+            f, g = capture_and_generate(model, b["input_ids"], b["attention_mask"], None, 3, tok.pad_token_id)
+            feats.append(f)
+            gens += list(g)
+            index.append(b["index"])
+            computed += b["input_ids"].numel()
+        index = torch.cat(index)
+        order = index.argsort()
+        return torch.cat(feats, 1)[:, order], [gens[i] for i in order.tolist()], index, computed
+
+    sorted_f, sorted_g, sorted_index, sorted_cost = run(True)
+    given_f, given_g, given_index, given_cost = run(False)
+    assert given_index.tolist() == list(range(len(prompts)))
+    assert sorted(sorted_index.tolist()) == list(range(len(prompts))) and sorted_index.tolist() != list(range(21))
+    lengths = [len(tok(prompts[i].text)["input_ids"]) for i in sorted_index.tolist()]
+    assert lengths == sorted(lengths, reverse=True)  # longest first: neighbours share a batch
+    assert sorted_cost < given_cost  # less padding computed
+    torch.testing.assert_close(sorted_f, given_f, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(sorted_g, given_g, strict=True))
+
+
+def test_generation_stops_once_every_row_ended_its_answer(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    batch = encode_prompts(tok, make_prompts(BitwiseTask(), 2, 1))  # 7 prompts
+    ids, mask, pad = batch["input_ids"], batch["attention_mask"], tok.pad_token_id
+    plain = greedy_generate(model, ids, mask, 8, pad)  # (7, 8)
+    for step in (2, 0):  # declare every row's token at `step` an answer end: all rows end by then
+        stop = plain[:, step].unique()
+        _, gen = capture_and_generate(model, ids, mask, None, 8, pad, stop)
+        ends = [next(i for i, t in enumerate(ref.tolist()) if t in stop.tolist()) for ref in plain]
+        assert gen.shape == (7, max(ends) + 1)  # stopped as soon as the last row ended, not after 8 tokens
+        for row, ref, end in zip(gen, plain, ends, strict=True):
+            assert torch.equal(row[: end + 1], ref[: end + 1]) and (row[end + 1 :] == pad).all()
+
+
+def test_onednn_linears_agree_with_the_default_and_always_restore(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    batch = encode_prompts(tok, make_prompts(BitwiseTask(), 3, 1))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ref_f, ref_g = capture_and_generate(model, ids, mask, None, 4, tok.pad_token_id, fast_linear=False)
+    fast_f, fast_g = capture_and_generate(model, ids, mask, None, 4, tok.pad_token_id)
+    torch.testing.assert_close(fast_f, ref_f, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast_g, ref_g)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), onednn_linears(model) as n:
+        if torch.backends.mkldnn.is_available():  # this project's CPU builds have it
+            assert n == len(linears) and all("forward" in vars(m) for m in linears)
+        raise RuntimeError("boom")
+    assert not any("forward" in vars(m) for m in model.modules())  # every original forward is back
+    with onednn_linears(model) as n:  # gradients on: nothing is rerouted
+        assert n == 0
 
 
 # --- every LLM YAML through the real CLI ----------------------------------------------------------------
@@ -158,6 +222,82 @@ def test_bad_options_fail_before_any_work(tmp_path):
         )
     with pytest.raises(SystemExit, match="does not exist"):  # lcd.errors prints it last, exit 2
         _run(tmp_path / "c", tmp_path / "nowhere.gguf", "configs/llm/tasks/bitwise.yaml")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def lightning_log():
+    logger, handler = logging.getLogger("lightning.pytorch"), _Records()  # where rank_zero_info goes
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def test_probe_saves_answers_and_r2_and_prints_one_table_per_shot_count(tmp_path, capsys, lightning_log):
+    model_dir = save_tiny_lm(tmp_path / "model", "llama")
+    run = _run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml")  # debug: 1 and 4 shots, 4 per class
+    m = _metrics(run)
+    answers = list(csv.DictReader(open(run / "probe" / "answers.csv")))
+    assert len(answers) == 2 * 28
+    names = BitwiseTask().label_names
+    for shots in (1, 4):
+        rows = [r for r in answers if r["shots"] == str(shots)]
+        prompts = make_prompts(BitwiseTask(), shots, 4, "test", seed=0)  # the datamodule's evaluation set
+        assert [int(r["prompt"]) for r in rows] == list(range(28))  # prompt order, though served longest first
+        assert [(r["concept"], r["gold"]) for r in rows] == [(names[p.concept], p.answer) for p in prompts]
+        assert all(r["correct"] == str(int(r["answer"] == r["gold"])) for r in rows)
+        for name in names[:-1]:
+            hits = [int(r["correct"]) for r in rows if r["concept"] == name]
+            assert m[f"probe/shots_{shots:02d}/acc/concept_{name}"] == pytest.approx(sum(hits) / len(hits))
+    summary = {r["shots"]: r for r in csv.DictReader(open(run / "probe" / "summary.csv"))}
+    assert list(summary) == ["1", "4", "all"] and summary["all"]["prompts"] == "56"
+    for shots in ("01", "04"):
+        row = summary[str(int(shots))]
+        assert float(row["cd_best"]) == pytest.approx(m[f"probe/shots_{shots}/cd/best"], abs=1e-4)
+        assert float(row["accuracy_mean"]) == pytest.approx(m[f"probe/shots_{shots}/acc/mean"], abs=1e-4)
+        r2 = m[f"probe/shots_{shots}/r2"]
+        assert math.isnan(r2) if row["r2"] == "nan" else float(row["r2"]) == pytest.approx(r2, abs=1e-4)
+    r2 = m["probe/r2"]
+    assert (
+        math.isnan(r2) if summary["all"]["r2"] == "nan" else float(summary["all"]["r2"]) == pytest.approx(r2, abs=1e-4)
+    )
+    out = capsys.readouterr().out
+    assert "DataLoader 0" not in out and "probe/shots_01/cd/layer_00" not in out  # Lightning's table is off
+    logged = "\n".join(lightning_log.lines)
+    for shots in (1, 4):
+        assert f"probe | {shots} shots | 28 prompts in" in logged
+        best = int(m[f"probe/shots_{shots:02d}/cd/best_layer"])
+        assert f"best CD {m[f'probe/shots_{shots:02d}/cd/best']:.3f} at layer {best}" in logged
+    assert "XNOR" in logged and f"CD@{best}" in logged
+    assert any(" prompts | " in line and "tokens/s" in line and "left ~" in line for line in lightning_log.lines)
+
+
+def test_a_stopped_probe_keeps_every_finished_shot_count(tmp_path, monkeypatch):
+    model_dir = save_tiny_lm(tmp_path / "model", "llama")
+    step = LitProbe.validation_step
+
+    def stop_at_four_shots(self, batch, batch_idx, dataloader_idx=0):
+        if dataloader_idx == 1 and batch_idx == 1:
+            raise RuntimeError("stopped by the user")
+        return step(self, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(LitProbe, "validation_step", stop_at_four_shots)
+    with pytest.raises(RuntimeError, match="stopped"):
+        _run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml")
+    probe = tmp_path / "run" / "probe"
+    assert {r["shots"] for r in csv.DictReader(open(probe / "cd_per_layer.csv"))} == {"1"}
+    assert len(list(csv.DictReader(open(probe / "answers.csv")))) == 28
+    assert [r["shots"] for r in csv.DictReader(open(probe / "summary.csv"))] == ["1", "all"]
+    assert (tmp_path / "run" / "plots" / "probe_cd_per_layer.png").stat().st_size > 1000
+    assert not list(probe.glob("*.tmp"))
 
 
 # --- the real model (slow; CI runs it) ----------------------------------------------------------------

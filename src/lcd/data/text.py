@@ -13,6 +13,8 @@ Every batch is a dict:
                     (transformers shifts it itself)
 ``answers``         list of B gold answer strings (``"00100"``)
 ``n_shots``         int, demonstrations per prompt
+``index``           (B,) only in :meth:`ICLTextDataModule.loader` batches: each row's position in
+                    the prompt list (evaluation batches are served longest prompt first)
 ==================  ===========================================================================
 
 The answer is tokenized separately (its ``target``: ``answer_prefix + answer`` and the line break that
@@ -39,9 +41,30 @@ from torch.utils.data import DataLoader
 from lcd.data.stream import stream_loader
 from lcd.tasks.text.prompts import ICLPrompt, PromptTemplate, Split, TextICLTask, make_prompts
 
-__all__ = ["FinetuneDataModule", "ICLTextDataModule", "encode_prompts"]
+__all__ = ["FinetuneDataModule", "ICLTextDataModule", "encode_prompts", "prompt_lengths", "tokenize_prompts"]
 
 IGNORE_INDEX = -100
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[ICLPrompt]) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each prompt and of its answer, split at the exact prompt/answer boundary (unpadded).
+
+    Leading whitespace-only answer tokens are moved to the end of the prompt (see the module docstring).
+    """
+    prompt_ids = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer([p.target for p in prompts], add_special_tokens=False)["input_ids"]
+    for i, a in enumerate(answer_ids):
+        n_space = 0  # leading whitespace-only answer tokens, kept in the prompt (see the module docstring)
+        while n_space < len(a) - 1 and not tokenizer.decode(a[: n_space + 1]).strip():
+            n_space += 1
+        prompt_ids[i], answer_ids[i] = prompt_ids[i] + a[:n_space], a[n_space:]
+    return prompt_ids, answer_ids
+
+
+def prompt_lengths(tokenizer: Any, prompts: Sequence[ICLPrompt], with_answers: bool = False) -> list[int]:
+    """Tokens of each prompt (plus its answer if ``with_answers``) as :func:`encode_prompts` lays it out, unpadded."""
+    prompt_ids, answer_ids = tokenize_prompts(tokenizer, prompts)
+    return [len(q) + (len(a) if with_answers else 0) for q, a in zip(prompt_ids, answer_ids, strict=True)]
 
 
 def encode_prompts(
@@ -58,13 +81,7 @@ def encode_prompts(
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token).")
-    prompt_ids = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer([p.target for p in prompts], add_special_tokens=False)["input_ids"]
-    for i, a in enumerate(answer_ids):
-        n_space = 0  # leading whitespace-only answer tokens, kept in the prompt (see the module docstring)
-        while n_space < len(a) - 1 and not tokenizer.decode(a[: n_space + 1]).strip():
-            n_space += 1
-        prompt_ids[i], answer_ids[i] = prompt_ids[i] + a[:n_space], a[n_space:]
+    prompt_ids, answer_ids = tokenize_prompts(tokenizer, prompts)
     seqs = [q + a for q, a in zip(prompt_ids, answer_ids, strict=True)] if with_answers else prompt_ids
     t = max(len(s) for s in seqs)
     if max_length is not None and t > max_length:
@@ -89,6 +106,14 @@ def encode_prompts(
     }
     if with_answers:
         batch["labels"] = labels
+    return batch
+
+
+def _encode_indexed(
+    tokenizer: Any, prompts: list[ICLPrompt], with_answers: bool, max_length: int | None, indices: list[int]
+) -> dict[str, Any]:
+    batch = encode_prompts(tokenizer, [prompts[i] for i in indices], with_answers, max_length)
+    batch["index"] = torch.tensor(indices)  # (B,) positions in the loader's prompt list
     return batch
 
 
@@ -201,24 +226,44 @@ class ICLTextDataModule(L.LightningDataModule):
         return prompts[: self.n_train]
 
     def loader(
-        self, prompts: Sequence[ICLPrompt], batch_size: int | None = None, with_answers: bool = False
+        self,
+        prompts: Sequence[ICLPrompt],
+        batch_size: int | None = None,
+        with_answers: bool = False,
+        by_length: bool = True,
     ) -> DataLoader:
-        """Batches of ``prompts`` in order, tokenized by :func:`encode_prompts`."""
+        """Batches of ``prompts`` tokenized by :func:`encode_prompts`, each with an ``index`` key.
+
+        Args:
+            prompts: The prompts.
+            batch_size: Prompts per batch; ``None`` for ``eval_batch_size``.
+            with_answers: Append the answers (see :func:`encode_prompts`).
+            by_length: Serve the prompts longest first, so every batch holds prompts of similar token
+                length and left padding stays small (real 10-shot prompts vary by +-25%). Per-prompt
+                results do not depend on the order; ``index`` (B,) gives each row's position in ``prompts``
+                to map them back. ``False`` keeps the given order.
+
+        """
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer yet: call set_tokenizer(model_tokenizer) first.")
+        prompts = list(prompts)
+        order = list(range(len(prompts)))
+        if by_length:  # longest first (a sequence too long for memory fails at once); stable for equal lengths
+            lengths = prompt_lengths(self.tokenizer, prompts, with_answers)
+            order.sort(key=lambda i: -lengths[i])
         return DataLoader(
-            list(prompts),
+            order,
             batch_size=batch_size or self.eval_batch_size,
             shuffle=False,
-            collate_fn=partial(encode_prompts, self.tokenizer, with_answers=with_answers, max_length=self.max_length),
+            collate_fn=partial(_encode_indexed, self.tokenizer, prompts, with_answers, self.max_length),
         )
 
     def train_dataloader(self) -> DataLoader:
         """Prompt+answer sequences with ``labels`` on the answer tokens only."""
-        return self.loader(self.train_prompts(), self.batch_size, with_answers=True)
+        return self.loader(self.train_prompts(), self.batch_size, with_answers=True, by_length=False)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader of prompt-only batches per entry of ``eval_shots``."""
+        """One loader of prompt-only batches per entry of ``eval_shots``, longest prompts first."""
         return [self.loader(self.eval_prompts(k)) for k in self.eval_shots]
 
     def probe_dataloader(self, n_per_concept: int | None = None) -> DataLoader:

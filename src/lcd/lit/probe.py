@@ -5,32 +5,57 @@ Run it as a validation::
     lcd validate --config configs/llm/probe.yaml --config configs/llm/models/gemma3_270m.yaml \\
         --config configs/llm/tasks/bitwise.yaml [--config configs/llm/patching.yaml]
 
-For every shot count of the datamodule (``eval_shots``, one validation dataloader each), one batched
-forward pass per batch captures the residual stream of every layer at the token before the answer and
-fills the KV cache from which the greedy answer is generated (:func:`lcd.lit.generation.capture_and_generate`).
-At the end: CD per layer (leave-one-out 10-NN over the concepts and Null), the best layer, per-concept
-CD there, exact-match accuracy per concept, and the linear fit of accuracy on per-concept CD (R² per
-shot count and pooled over shot counts). Optionally, mean-activation patching at one shot count
-(:func:`lcd.patching.llm_patching`).
+For every shot count of the datamodule (``eval_shots``, one validation dataloader each, longest prompts
+first so batches carry little padding), one batched forward pass per batch captures the residual stream
+of every layer at the token before the answer and fills the KV cache from which the greedy answer is
+generated, stopping once every row has ended its answer with a line break
+(:func:`lcd.lit.generation.capture_and_generate`). As each shot count finishes: CD per layer (leave-one-out
+10-NN over the concepts and Null), the best layer, per-concept CD there, exact-match accuracy per concept,
+and the linear fit of accuracy on per-concept CD (R²); its files are (re)written then, so a run stopped
+midway keeps every finished shot count. At the end: R² pooled over shot counts, optionally
+mean-activation patching at one shot count (:func:`lcd.patching.llm_patching`), and the logger metrics.
+
+Watching a run: when stdout is not a terminal (output to a file, a job log) or the progress bar is off,
+a progress line is logged every ``progress_every_s`` seconds (shot count, prompts done, tokens/s, elapsed,
+time left for the whole probe, patching included); each finished shot count prints a short table (best
+layer, CD there, mean accuracy, R², per-concept CD / accuracy / n). It replaces Lightning's metric table
+(one per dataloader, every metric repeated in each); the metrics still reach the loggers.
 
 Outputs: W&B/CSV logger keys ``probe/shots_04/cd/layer_05``, ``probe/shots_04/cd/best``,
 ``probe/shots_04/cd/best_layer``, ``probe/shots_04/cd/concept_AND``, ``probe/shots_04/acc/concept_AND``,
-``probe/shots_04/acc/mean``, ``probe/shots_04/r2``, ``probe/r2``, ``probe/shots_04/patch/...``; files
-``<run_dir>/probe/{cd_per_layer,concepts,patching}.csv`` and ``<run_dir>/plots/probe_*.png``.
+``probe/shots_04/acc/mean``, ``probe/shots_04/r2``, ``probe/r2``, ``probe/shots_04/patch/...``; files under
+``<run_dir>/probe/``: ``cd_per_layer.csv`` (shots, layer, cd), ``concepts.csv`` (shots, concept,
+best_layer, cd_at_best_layer, accuracy, n), ``summary.csv`` (one row per shot count: prompts, best_layer,
+cd_best, chance, accuracy_mean, r2, slope, intercept, seconds; then a row ``all`` with the fit pooled over
+the finished shot counts), ``answers.csv`` (every prompt in prompt order: shots, prompt, concept, gold,
+answer as generated and cut at the line break, correct), ``patching.csv``; and ``<run_dir>/plots/probe_*.png``.
 """
 
 from __future__ import annotations
 
 import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lcd.analysis.stats import linear_fit
+from lcd.data.text import prompt_lengths
 from lcd.decodability import Distance, chance_level, check_knn_settings, concept_decodability, per_concept_decodability
 from lcd.layers import LayerGroup, select_layers
-from lcd.lit.generation import answer_budget, capture_and_generate, decode_answers, exact_match
+from lcd.lit.generation import (
+    answer_budget,
+    answer_end_token_ids,
+    capture_and_generate,
+    decode_answers,
+    exact_match,
+)
 from lcd.models.hf import CausalLMSpec, LoadedLM
 from lcd.patching import PatchMode, llm_patching
 from lcd.plotting import plot_cd_per_layer, plot_cd_vs_accuracy, plot_patching, save_figure
@@ -58,6 +83,8 @@ class LitProbe(L.LightningModule):
         patch_layer: Layer to patch; ``None`` for the best CD layer at ``patch_shots``.
         patch_mode: ``replace`` (default) or ``add``; see :mod:`lcd.patching`.
         patch_mean_per_concept: Train-split prompts per class used for the mean activations.
+        progress_every_s: Seconds between progress lines when stdout is not a terminal (or the progress
+            bar is off); ``null`` for none.
 
     """
 
@@ -72,21 +99,27 @@ class LitProbe(L.LightningModule):
         patch_layer: int | None = None,
         patch_mode: PatchMode = "replace",
         patch_mean_per_concept: int = 50,
+        progress_every_s: float | None = 30.0,
     ) -> None:
         super().__init__()
         self.lm_spec = lm or CausalLMSpec()
         self.lm_spec.check()  # an unknown model or a missing file fails here, before any work
         if patch_mean_per_concept < 1:
             raise ValueError(f"patch_mean_per_concept must be >= 1, got {patch_mean_per_concept}.")
+        if progress_every_s is not None and progress_every_s < 0:
+            raise ValueError(f"progress_every_s must be >= 0 (or null for no progress lines), got {progress_every_s}.")
         check_knn_settings(k, distance, k_name="model k", distance_name="model distance")
         self.save_hyperparameters(ignore=["lm"])
         self.hparams["lm"] = vars(self.lm_spec)
         self.layers, self.k, self.distance, self.generate = layers, k, distance, generate
         self.patch_shots, self.patch_layer, self.patch_mode = patch_shots, patch_layer, patch_mode
         self.patch_mean_per_concept = patch_mean_per_concept
+        self.progress_every_s = progress_every_s
         self.loaded: LoadedLM | None = None
         self._layers: list[int] = []
-        self._store: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self._stop_ids: torch.Tensor | None = None
+        self._store: dict[int, dict[str, list]] = {}
+        self._progress: _Progress | None = None
         self.results: dict[int, dict] = {}
 
     @property
@@ -132,62 +165,131 @@ class LitProbe(L.LightningModule):
                 raise ValueError("negative patching needs the Null class: set data include_null: true.")
         if self.patch_layer is not None:
             select_layers(self.patch_layer, loaded.n_layers)  # range check, before any work
+        if self.generate and self._stop_ids is None:
+            self._stop_ids = answer_end_token_ids(loaded.tokenizer)
 
     # --- the pass over the prompts --------------------------------------------------------------------
 
+    def on_validation_start(self) -> None:
+        """Plan the work for progress lines; our per-shot-count tables replace Lightning's metric table."""
+        if self.trainer.validating:
+            self.trainer.validate_loop.verbose = False  # one table per dataloader, every metric in each
+        bar = self.trainer.progress_bar_callback
+        every = self.progress_every_s
+        if every is not None and (bar is None or not sys.stdout.isatty()):
+            self._progress = _Progress(self._plan(), every)
+        else:
+            self._progress = None
+
     def on_validation_epoch_start(self) -> None:
-        """Start empty stores, one per shot count."""
-        self._store = {}
+        """Start empty stores and results, one per shot count."""
+        self._store, self.results = {}, {}
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Capture every probed layer at the last prompt token; greedily answer; keep both."""
-        tok = self.loaded.tokenizer
+        t0, tok = time.time(), self.loaded.tokenizer
+        shots = batch["n_shots"]
         budget = answer_budget(tok, batch["answers"]) if self.generate else 0
+        stop = self._stop_ids if self.generate else None
         feats, gen = capture_and_generate(
-            self.lm, batch["input_ids"], batch["attention_mask"], self._layers, budget, tok.pad_token_id
+            self.lm, batch["input_ids"], batch["attention_mask"], self._layers, budget, tok.pad_token_id, stop
         )
-        store = self._store.setdefault(batch["n_shots"], {"features": [], "concept": [], "correct": []})
+        store = self._store.setdefault(
+            shots, {"features": [], "concept": [], "index": [], "answers": [], "predictions": [], "t0": t0}
+        )
         store["features"].append(feats.cpu())  # (L, B, d)
         store["concept"].append(batch["concept"].cpu())
+        n, seen = batch["input_ids"].shape[0], sum(len(i) for i in store["index"])
+        store["index"].append(batch["index"].cpu() if "index" in batch else torch.arange(seen, seen + n))
+        store["answers"] += batch["answers"]
         if self.generate:
-            store["correct"].append(exact_match(decode_answers(tok, gen), batch["answers"]))
+            store["predictions"] += decode_answers(tok, gen)
+        if self._progress is not None:
+            mask = batch["attention_mask"]
+            line = self._progress.update(shots, n, int(mask.sum()), mask.numel())
+            if line:
+                rank_zero_info(line)
+        if not self.trainer.sanity_checking and batch_idx + 1 == self.trainer.num_val_batches[dataloader_idx]:
+            self._finish(shots)  # the last batch of this shot count: write what it found now
+
+    def _finish(self, shots: int) -> None:
+        """CD, accuracy and R² of one finished shot count; (re)write the files; print its table."""
+        store = self._store[shots]
+        index = torch.cat(store["index"])
+        order = index.argsort()  # back to prompt order (batches came longest first)
+        features = torch.cat(store["features"], 1)[:, order]  # (L, N, d)
+        labels = torch.cat(store["concept"])[order]  # (N,)
+        gold = [store["answers"][i] for i in order.tolist()]
+        names = self.trainer.datamodule.concept_names  # concepts then Null
+        null_id = len(names) - 1
+        cd = concept_decodability(features, labels, self.k, self.distance)  # (L,)
+        best = int(cd.argmax())
+        per_cd = per_concept_decodability(features[best], labels, self.k, self.distance)
+        res = {"layers": self._layers, "cd": cd, "best_layer": self._layers[best], "concepts": {}}
+        res.update(n_prompts=len(gold), chance=chance_level(labels), seconds=time.time() - store["t0"])
+        correct = None
+        if self.generate:
+            predictions = [store["predictions"][i] for i in order.tolist()]
+            correct = exact_match(predictions, gold)
+            rows = zip(index[order].tolist(), labels.tolist(), gold, predictions, correct.tolist(), strict=True)
+            res["answers"] = list(rows)  # (prompt, concept id, gold, answer, correct) in prompt order
+        for c in sorted(per_cd):  # the classes present (Null only if the data includes it)
+            acc = correct[labels == c].float().mean().item() if correct is not None and c != null_id else None
+            res["concepts"][names[c]] = {"cd": per_cd[c], "acc": acc, "n": int((labels == c).sum())}
+        if correct is not None:
+            accs = [r["acc"] for r in res["concepts"].values() if r["acc"] is not None]
+            res["acc_mean"] = sum(accs) / len(accs)
+            res["fit"] = linear_fit(*self._scatter({shots: res}))
+        self.results[shots] = res
+        self.write_outputs()
+        if self.trainer.is_global_zero:
+            rank_zero_info(format_shot_summary(shots, res))
 
     def on_validation_epoch_end(self) -> None:
-        """CD per layer, best layer, accuracy, R²; log, write CSV and PNG; then patching if asked."""
+        """Finish any shot count left (a limited run), pool R², patch if asked; log every metric."""
         if self.trainer.sanity_checking or not self._store:
             return
-        names = self.trainer.datamodule.concept_names  # concepts then Null
-        null_id, metrics = len(names) - 1, {}
-        for shots, store in sorted(self._store.items()):
-            features, labels = torch.cat(store["features"], 1), torch.cat(store["concept"])  # (L, N, d), (N,)
-            cd = concept_decodability(features, labels, self.k, self.distance)  # (L,)
-            best = int(cd.argmax())
-            per_cd = per_concept_decodability(features[best], labels, self.k, self.distance)
-            res = {"layers": self._layers, "cd": cd, "best_layer": self._layers[best], "concepts": {}}
-            correct = torch.cat(store["correct"]) if store["correct"] else None
-            for c in sorted(per_cd):  # the classes present (Null only if the data includes it)
-                acc = correct[labels == c].float().mean().item() if correct is not None and c != null_id else None
-                res["concepts"][names[c]] = {"cd": per_cd[c], "acc": acc, "n": int((labels == c).sum())}
-            self.results[shots] = res
-            p = f"probe/shots_{shots:02d}"
-            metrics.update({f"{p}/cd/layer_{layer:02d}": cd[i].item() for i, layer in enumerate(self._layers)})
-            metrics.update({f"{p}/cd/best": cd[best].item(), f"{p}/cd/best_layer": float(self._layers[best])})
+        for shots in sorted(self._store):
+            if shots not in self.results:
+                self._finish(shots)
+        names = self.trainer.datamodule.concept_names
+        null_id = len(names) - 1
+        metrics = self._metrics()
+        if self.generate:
+            fit = linear_fit(*self._scatter(self.results))
+            metrics["probe/r2"] = fit[2]
+            rank_zero_info(f"probe | R² of accuracy on CD, pooled over {_shot_list(self.results)} shots: {fit[2]:.3f}")
+        if self.patch_shots is not None:
+            t0 = time.time()
+            rank_zero_info(f"probe | patching at {self.patch_shots} shots ...")
+            metrics.update(self._patch(names, null_id))
+            p = f"probe/shots_{self.patch_shots:02d}/patch"
+            pos, neg = metrics[f"{p}/positive/mean"], metrics[f"{p}/negative/mean"]
+            rank_zero_info(
+                f"probe | patching at {self.patch_shots} shots, layer {int(metrics[f'{p}/layer'])}: mean accuracy "
+                f"change positive {pos:+.3f}, negative {neg:+.3f} ({_duration(time.time() - t0)})"
+            )
+        self.log_dict(metrics, sync_dist=False)
+        self.write_outputs()
+        if self.trainer.is_global_zero:
+            rank_zero_info(f"probe | files in {Path(run_dir(self.trainer)) / 'probe'}")
+
+    def _metrics(self) -> dict[str, float]:
+        """Logger metrics of the finished shot counts (keys listed in the module docstring)."""
+        metrics = {}
+        for shots, res in sorted(self.results.items()):
+            p, cd = f"probe/shots_{shots:02d}", res["cd"]
+            metrics.update({f"{p}/cd/layer_{layer:02d}": cd[i].item() for i, layer in enumerate(res["layers"])})
+            metrics.update({f"{p}/cd/best": cd.max().item(), f"{p}/cd/best_layer": float(res["best_layer"])})
             for name, r in res["concepts"].items():
                 metrics[f"{p}/cd/concept_{name}"] = r["cd"]
                 if r["acc"] is not None:
                     metrics[f"{p}/acc/concept_{name}"] = r["acc"]
-            if correct is not None:
-                accs = [r["acc"] for r in res["concepts"].values() if r["acc"] is not None]
-                metrics[f"{p}/acc/mean"] = sum(accs) / len(accs)
-                res["fit"] = linear_fit(*self._scatter({shots: res}))
+            if "fit" in res:
+                metrics[f"{p}/acc/mean"] = res["acc_mean"]
                 metrics[f"{p}/r2"] = res["fit"][2]
-        metrics["probe/chance"] = chance_level(labels)
-        if self.generate:
-            metrics["probe/r2"] = linear_fit(*self._scatter(self.results))[2]
-        if self.patch_shots is not None:
-            metrics.update(self._patch(names, null_id))
-        self.log_dict(metrics, sync_dist=False)
-        self.write_outputs()
+            metrics["probe/chance"] = res["chance"]
+        return metrics
 
     @staticmethod
     def _scatter(results: dict[int, dict]) -> tuple[list[float], list[float]]:
@@ -195,6 +297,22 @@ class LitProbe(L.LightningModule):
             (r["cd"], r["acc"]) for res in results.values() for r in res["concepts"].values() if r["acc"] is not None
         ]
         return [x for x, _ in pts], [y for _, y in pts]
+
+    def _plan(self) -> dict[int, tuple[int, int]]:
+        """Prompts and tokens computed (padding included) per shot count, and for patching (key -1)."""
+        dm, tok = self.trainer.datamodule, self.loaded.tokenizer
+        plan = {}
+        for i, shots in enumerate(dm.eval_shots):
+            n_batches = self.trainer.num_val_batches[i] if i < len(self.trainer.num_val_batches) else 0
+            plan[shots] = _batched_tokens(prompt_lengths(tok, dm.eval_prompts(shots)), dm.eval_batch_size, n_batches)
+        if self.patch_shots is not None:  # two generation passes over the non-Null prompts, one over the means
+            null_id = len(dm.concept_names) - 1
+            evals = [p for p in dm.eval_prompts(self.patch_shots) if p.concept != null_id]
+            means = dm.prompts(self.patch_shots, "train", self.patch_mean_per_concept, include_null=True, stream=3)
+            n_e, t_e = _batched_tokens(prompt_lengths(tok, evals), dm.eval_batch_size)
+            n_m, t_m = _batched_tokens(prompt_lengths(tok, means), dm.eval_batch_size)
+            plan[-1] = (2 * n_e + n_m, 2 * t_e + t_m)
+        return plan
 
     def _patch(self, names: list[str], null_id: int) -> dict[str, float]:
         dm, shots = self.trainer.datamodule, self.patch_shots
@@ -217,25 +335,52 @@ class LitProbe(L.LightningModule):
     # --- files --------------------------------------------------------------------------------------
 
     def write_outputs(self) -> None:
-        """CSV files under ``<run_dir>/probe`` and PNG plots under ``<run_dir>/plots`` (rank 0)."""
-        if not self.trainer.is_global_zero:
+        """CSV files under ``<run_dir>/probe`` and PNG plots under ``<run_dir>/plots`` (rank 0), atomically."""
+        if not self.trainer.is_global_zero or not self.results:
             return
         out = Path(run_dir(self.trainer)) / "probe"
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "cd_per_layer.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["shots", "layer", "cd"])
-            for shots, res in sorted(self.results.items()):
-                w.writerows(
-                    [shots, layer, f"{v:.4f}"] for layer, v in zip(res["layers"], res["cd"].tolist(), strict=True)
-                )
-        with open(out / "concepts.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["shots", "concept", "best_layer", "cd_at_best_layer", "accuracy", "n"])
-            for shots, res in sorted(self.results.items()):
-                for name, r in res["concepts"].items():
-                    acc = "" if r["acc"] is None else f"{r['acc']:.4f}"
-                    w.writerow([shots, name, res["best_layer"], f"{r['cd']:.4f}", acc, r["n"]])
+        results = sorted(self.results.items())
+        _write_csv(
+            out / "cd_per_layer.csv",
+            ["shots", "layer", "cd"],
+            (
+                [shots, layer, f"{v:.4f}"]
+                for shots, res in results
+                for layer, v in zip(res["layers"], res["cd"].tolist(), strict=True)
+            ),
+        )
+        _write_csv(
+            out / "concepts.csv",
+            ["shots", "concept", "best_layer", "cd_at_best_layer", "accuracy", "n"],
+            (
+                [shots, name, res["best_layer"], f"{r['cd']:.4f}", _num(r["acc"]), r["n"]]
+                for shots, res in results
+                for name, r in res["concepts"].items()
+            ),
+        )
+        summary = []
+        for shots, res in results:
+            fit = res.get("fit", (None, None, None))
+            row = [shots, res["n_prompts"], res["best_layer"], _num(res["cd"].max().item()), _num(res["chance"])]
+            summary.append([*row, _num(res.get("acc_mean")), _num(fit[2]), _num(fit[0]), _num(fit[1])])
+            summary[-1].append(f"{res['seconds']:.1f}")
+        if self.generate:
+            slope, intercept, r2 = linear_fit(*self._scatter(self.results))
+            n = sum(res["n_prompts"] for _, res in results)
+            summary.append(["all", n, "", "", "", "", _num(r2), _num(slope), _num(intercept), ""])
+        header = ["shots", "prompts", "best_layer", "cd_best", "chance", "accuracy_mean", "r2", "slope", "intercept"]
+        _write_csv(out / "summary.csv", [*header, "seconds"], summary)
+        if self.generate:
+            _write_csv(
+                out / "answers.csv",
+                ["shots", "prompt", "concept", "gold", "answer", "correct"],
+                (
+                    [shots, i, self.trainer.datamodule.concept_names[c], gold, answer, int(ok)]
+                    for shots, res in results
+                    for i, c, gold, answer, ok in res["answers"]
+                ),
+            )
         names = self.trainer.datamodule.concept_names
         save_figure(self.trainer, plot_cd_per_layer(self.results, chance=1 / len(names)), "probe_cd_per_layer")
         if self.generate:
@@ -250,3 +395,88 @@ class LitProbe(L.LightningModule):
                         row = [pt.base[c], pt.positive[c], pt.negative[c]]
                         w.writerow([shots, pt.layer, self.patch_mode, name, int(pt.n[c]), *(f"{v:.4f}" for v in row)])
                 save_figure(self.trainer, plot_patching(pt, names[:-1], shots), "probe_patching")
+
+
+# --- progress, tables, files ------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Prompts and tokens done against a plan; a log line on the first batch, then every ``every_s`` seconds.
+
+    Time left is the planned tokens still to compute (padding included; patching's passes too) at the
+    rate measured so far: long prompts cost more per prompt, so tokens rather than prompts set the pace.
+    """
+
+    def __init__(self, plan: dict[int, tuple[int, int]], every_s: float) -> None:
+        self.plan, self.every_s = plan, every_s
+        self.total = sum(t for _, t in plan.values())
+        self.start = self.last = time.time()
+        self.computed = self.tokens = 0
+        self.done: dict[int, int] = {}
+        self.lines = 0
+
+    def update(self, shots: int, prompts: int, tokens: int, computed: int) -> str | None:
+        """Count one batch (``tokens`` real, ``computed`` with padding); return a line when one is due."""
+        now = time.time()
+        self.done[shots] = self.done.get(shots, 0) + prompts
+        self.tokens, self.computed = self.tokens + tokens, self.computed + computed
+        if self.lines and now - self.last < self.every_s:
+            return None
+        self.last, self.lines = now, self.lines + 1
+        elapsed = now - self.start
+        left = elapsed * max(self.total - self.computed, 0) / max(self.computed, 1)
+        total = self.plan.get(shots, (0, 0))[0]
+        patching = " incl. patching" if -1 in self.plan else ""
+        return (
+            f"probe | {shots} shots | {self.done[shots]}/{total} prompts | {self.tokens / max(elapsed, 1e-9):.0f} "
+            f"tokens/s | elapsed {_duration(elapsed)} | left ~{_duration(left)} (whole probe{patching})"
+        )
+
+
+def _batched_tokens(lengths: Sequence[int], batch_size: int, n_batches: int | None = None) -> tuple[int, int]:
+    """Prompts and tokens computed (each batch padded to its longest) when served longest first."""
+    lengths = sorted(lengths, reverse=True)
+    chunks = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)][:n_batches]
+    return sum(len(c) for c in chunks), sum(len(c) * c[0] for c in chunks)
+
+
+def format_shot_summary(shots: int, res: dict) -> str:
+    """The console table of one finished shot count (see :class:`LitProbe`)."""
+    best, cd = res["best_layer"], res["cd"].max().item()
+    head = f"probe | {shots} shots | {res['n_prompts']} prompts in {_duration(res['seconds'])}"
+    line = f"  best CD {cd:.3f} at layer {best} (chance {res['chance']:.3f})"
+    if "fit" in res:
+        line += f" | mean accuracy {res['acc_mean']:.3f} | R² (accuracy on CD) {_num(res['fit'][2], 3)}"
+    width = max(len("concept"), *(len(n) for n in res["concepts"]))
+    rows = [f"  {'concept':<{width}}  {f'CD@{best}':>7}  {'accuracy':>8}  {'n':>5}"]
+    for name, r in res["concepts"].items():
+        acc = "-" if r["acc"] is None else f"{r['acc']:.3f}"
+        rows.append(f"  {name:<{width}}  {r['cd']:>7.3f}  {acc:>8}  {r['n']:>5}")
+    return "\n".join([head, line, *rows])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _shot_list(results: dict[int, dict]) -> str:
+    return ", ".join(str(s) for s in sorted(results))
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    """A number for a CSV cell or a table: empty when absent, ``nan`` when undefined (e.g. R² of constant CD)."""
+    if value is None:
+        return ""
+    return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """Write a CSV whole or not at all: a temporary file, then one rename (a stop never leaves half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
