@@ -17,6 +17,10 @@ Outputs: W&B/CSV logger keys ``probe/shots_04/cd/layer_05``, ``probe/shots_04/cd
 ``probe/shots_04/cd/best_layer``, ``probe/shots_04/cd/concept_AND``, ``probe/shots_04/acc/concept_AND``,
 ``probe/shots_04/acc/mean``, ``probe/shots_04/r2``, ``probe/r2``, ``probe/shots_04/patch/...``; files
 ``<run_dir>/probe/{cd_per_layer,concepts,patching}.csv`` and ``<run_dir>/plots/probe_*.png``.
+
+Patching keys (``probe/shots_04/patch/``): ``layer``; ``base/concept_AND`` (exact match) and
+``positive|negative/concept_AND|mean`` (its change); the same under ``first_token/`` (first-token
+accuracy); and per position and layer, ``query/layer_05/exact|first_token/base|positive|negative/concept_AND|mean``.
 """
 
 from __future__ import annotations
