@@ -119,6 +119,24 @@ def test_patch_changes_only_the_chosen_position_and_layer():
     torch.testing.assert_close(added[1][0, 2], before[1][0, 2] + 3.0)
 
 
+def test_patch_onward_covers_every_later_position_of_a_forward():
+    model = tiny_models()["llama"]
+    ids = torch.randint(0, 50, (2, 6))
+    with capture_residual(model, [1]) as before:
+        model(input_ids=ids)
+    value = torch.full((16,), 3.0)
+    pos = torch.tensor([2, 4])
+    with capture_residual(model, [1]) as after, patch_residual(model, 1, pos, value, onward=True):
+        model(input_ids=ids)
+    for row, p in enumerate(pos.tolist()):
+        assert (after[1][row, p:] == value).all()  # the position and every later one
+        torch.testing.assert_close(after[1][row, :p], before[1][row, :p])  # nothing before it
+    with pytest.raises(IndexError):  # the hook is removed when the forward raises, onward too
+        with patch_residual(model, 1, pos, value, onward=True):
+            model(input_ids=torch.full((1, 4), 999))
+    assert all(len(b._forward_hooks) == 0 for b in find_decoder_layers(model))
+
+
 def test_capture_through_a_peft_wrapper():
     from peft import LoraConfig, get_peft_model
 

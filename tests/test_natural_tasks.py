@@ -232,7 +232,9 @@ def test_encode_prompts_left_pads_and_masks_labels_to_the_answer():
         assert tok.decode(ids[i, : q + 1][mask[i, : q + 1] == 1], skip_special_tokens=True) == p.text + " "
         assert tok.decode(ids[i][mask[i] == 1], skip_special_tokens=True) == p.text + p.target
         assert (labels[i, : q + 1] == -100).all()
+        assert batch["first_answer_id"][i] == kept[0]  # what the query predicts: the first label token
     plain = encode_prompts(tok, prompts)
+    assert torch.equal(plain["first_answer_id"], batch["first_answer_id"])
     assert "labels" not in plain and (plain["query_position"] == plain["input_ids"].shape[1] - 1).all()
     assert torch.equal(batch["concept"], torch.tensor([0, 0, 5, 5]))
     with pytest.raises(ValueError, match="max_length"):
@@ -261,3 +263,4 @@ def test_answer_tokens_stay_put_when_the_answer_starts_with_content():
     q = int(batch["query_position"][0])
     assert tok.decode(batch["input_ids"][0, q]) == ":"  # the prompt still ends at "Output:"
     assert tok.decode(batch["labels"][0, q + 1 :]) == prompts[0].answer + "\n"
+    assert batch["first_answer_id"][0] == batch["labels"][0, q + 1]

@@ -179,17 +179,48 @@ def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml,
         )
         assert m[f"probe/shots_{shots}/acc/concept_XNOR"] == m[f"probe/shots_{shots}/acc/mean"] == 1.0
     assert m["probe/chance"] == pytest.approx(1 / 7)
-    assert "probe/shots_04/patch/positive/concept_AND" in m and m["probe/shots_04/patch/layer"] in (0, 1)
+    assert "probe/shots_04/patch/positive/concept_AND" in m and "probe/shots_04/patch/first_token/negative/mean" in m
+    assert m["probe/shots_04/patch/layer"] == m["probe/shots_04/cd/best_layer"]  # patch_layer null: the best CD layer
     rows = list(csv.DictReader(open(run / "probe" / "cd_per_layer.csv")))
     assert [(r["shots"], r["layer"]) for r in rows] == [("1", "0"), ("1", "1"), ("4", "0"), ("4", "1")]
     concepts = list(csv.DictReader(open(run / "probe" / "concepts.csv")))
     assert len(concepts) == 2 * 7 and concepts[-1]["concept"] == "Null" and concepts[-1]["accuracy"] == ""
     patch = list(csv.DictReader(open(run / "probe" / "patching.csv")))
-    assert len(patch) == 6 and all(int(r["n"]) == 11 for r in patch)
+    assert len(patch) == 6 and all(int(r["n"]) == 11 and r["position"] == "query" for r in patch)
     for r in patch:
         assert float(r["base"]) == pytest.approx(m[f"probe/shots_04/acc/concept_{r['concept']}"])
+        first = m[f"probe/shots_04/patch/first_token/base/concept_{r['concept']}"]
+        assert float(r["base_first_token"]) == pytest.approx(first, abs=1e-4) and first >= float(r["base"])
     for name in ("probe_cd_per_layer", "probe_cd_vs_accuracy", "probe_patching"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_probe_patching_sweeps_layers_and_positions(tmp_path):
+    model_dir = save_tiny_lm(tmp_path / "model", "llama")
+    extra = ("--model.init_args.patch_layer=[0]", "--model.init_args.patch_position=[answer, query]")
+    run = _run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml", "configs/llm/patching.yaml", extra=extra)
+    m = _metrics(run)
+    best = int(m["probe/shots_04/cd/best_layer"])
+    assert m["probe/shots_04/patch/layer"] == best  # a sweep always includes the best CD layer, the short keys' one
+    rows = list(csv.DictReader(open(run / "probe" / "patching.csv")))
+    runs = sorted({(r["position"], int(r["layer"])) for r in rows})
+    assert runs == sorted({(p, layer) for p in ("answer", "query") for layer in (0, best)}) and len(rows) == 6 * len(
+        runs
+    )
+    p = "probe/shots_04/patch"
+    for position, layer in runs:
+        for metric in ("exact", "first_token"):
+            for sign in ("base", "positive", "negative"):
+                assert f"{p}/{position}/layer_{layer:02d}/{metric}/{sign}/mean" in m
+        row = next(r for r in rows if (r["position"], int(r["layer"]), r["concept"]) == (position, layer, "OR"))
+        key = f"{p}/{position}/layer_{layer:02d}/first_token"
+        assert float(row["negative_first_token"]) - float(row["base_first_token"]) == pytest.approx(
+            m[f"{key}/negative/concept_OR"], abs=2e-4
+        )
+    # the short keys report the first position listed (answer) at the best layer
+    assert m[f"{p}/first_token/positive/mean"] == m[f"{p}/answer/layer_{best:02d}/first_token/positive/mean"]
+    assert m[f"{p}/negative/concept_XOR"] == m[f"{p}/answer/layer_{best:02d}/exact/negative/concept_XOR"]
+    assert (run / "plots" / "probe_patching_layers.png").stat().st_size > 1000
 
 
 def test_probe_pos_and_conllu_through_the_cli(tmp_path):
@@ -208,7 +239,7 @@ def test_probe_pos_and_conllu_through_the_cli(tmp_path):
     assert "probe/shots_01/cd/best" in m and "probe/shots_01/acc/mean" not in m
 
 
-def test_bad_options_fail_before_any_work(tmp_path):
+def test_bad_options_fail_before_any_work(tmp_path, capsys):
     model_dir = save_tiny_lm(tmp_path / "model", "llama")
     with pytest.raises(SystemExit, match="out of range"):
         _run(tmp_path / "a", model_dir, "configs/llm/tasks/bitwise.yaml", extra=("--model.init_args.layers=[5]",))
@@ -219,6 +250,23 @@ def test_bad_options_fail_before_any_work(tmp_path):
             "configs/llm/tasks/bitwise.yaml",
             "configs/llm/patching.yaml",
             extra=("--model.init_args.patch_shots=10",),
+        )
+    with pytest.raises(SystemExit):  # refused by the CLI parser (a Literal option)
+        _run(
+            tmp_path / "d",
+            model_dir,
+            "configs/llm/tasks/bitwise.yaml",
+            "configs/llm/patching.yaml",
+            extra=("--model.init_args.patch_position=everywhere",),
+        )
+    assert "patch_position" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="out of range"):
+        _run(
+            tmp_path / "e",
+            model_dir,
+            "configs/llm/tasks/bitwise.yaml",
+            "configs/llm/patching.yaml",
+            extra=("--model.init_args.patch_layer=[0, 7]",),
         )
     with pytest.raises(SystemExit, match="does not exist"):  # lcd.errors prints it last, exit 2
         _run(tmp_path / "c", tmp_path / "nowhere.gguf", "configs/llm/tasks/bitwise.yaml")

@@ -170,8 +170,15 @@ def patch_residual(
     positions: torch.Tensor,
     value: torch.Tensor,
     mode: Literal["replace", "add"] = "replace",
+    onward: bool = False,
 ) -> Iterator[None]:
-    """Overwrite (or add to) the residual stream after one block at one position per row.
+    """Overwrite (or add to) the residual stream after one block at one position per row (or from it on).
+
+    Under greedy generation with a KV cache the prompt is one forward and every new token one more
+    forward of a single token. A forward no longer than ``positions.max()`` cannot contain the patched
+    position, so it is taken as such an incremental step: left alone by default (the patched position's
+    keys and values, computed in the prompt forward, still reach every later token through attention),
+    patched at every token with ``onward=True``.
 
     Args:
         model: Any module containing decoder blocks.
@@ -179,20 +186,26 @@ def patch_residual(
         positions: (B,) token index to patch in each row.
         value: (d_model,) or (B, d_model) activation to write there.
         mode: ``replace`` sets the activation to ``value``; ``add`` adds ``value`` to it.
+        onward: Also patch every later token of each row: later positions of the same forward and every
+            token of later incremental (KV-cache) forwards, i.e. each token generated after the prompt.
 
     """
     blocks = find_decoder_layers(model)
     (layer,) = select_layers(layer, len(blocks))
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
-        h = _hidden(output)
-        rows = torch.arange(h.shape[0], device=h.device)
+        h = _hidden(output)  # (B, T, d)
         pos = positions.to(h.device)
         if h.shape[1] <= int(pos.max()):  # incremental decoding step: the patched token is not here
-            return output
-        h = h.clone()
-        v = value.to(h.device, h.dtype).expand(h.shape[0], h.shape[-1])
-        h[rows, pos] = v if mode == "replace" else h[rows, pos] + v
+            if not onward:
+                return output
+            where = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)  # every new token comes later
+        else:
+            idx = torch.arange(h.shape[1], device=h.device)[None, :]  # (1, T)
+            where = idx >= pos[:, None] if onward else idx == pos[:, None]  # (B, T)
+        v = value.to(h.device, h.dtype).expand(h.shape[0], h.shape[-1])[:, None, :]  # (B, 1, d)
+        m = where[..., None]  # (B, T, 1)
+        h = torch.where(m, v, h) if mode == "replace" else h + m * v
         return h if isinstance(output, torch.Tensor) else (h, *output[1:])
 
     handle = blocks[layer].register_forward_hook(hook, prepend=True)  # before any capture hook: it sees the patch

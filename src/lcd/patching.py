@@ -15,11 +15,18 @@ separate from the evaluated ones:
   the component shared by every activation, which perturbs the model even for the right concept.
 
 The paper does not say which it used (PAPER.md "Known gaps"); both are one option away.
+
+For LMs the answers are generated greedily and scored two ways (:class:`LLMPatching`): exact match of
+the whole answer, and first-token accuracy, the token the patched query position predicts itself.
+The query patch reaches the later answer tokens only through attention to the query's keys and values
+at the layers after the patched one (the tokens' own residuals are not patched), so on a five-digit
+bitwise answer it moves exact match far less than the first digit; ``positions="answer"`` also patches
+every generated token (:data:`PatchPosition`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +39,9 @@ from lcd.layers import select_layers
 PatchMode = Literal["replace", "add"]
 
 __all__ = [
+    "PATCH_POSITIONS",
     "PatchMode",
+    "PatchPosition",
     "LLMPatching",
     "SyntheticPatching",
     "class_means",
@@ -68,9 +77,20 @@ def patch_value(means: torch.Tensor, source: torch.Tensor, mode: PatchMode = "re
     return value if mode == "replace" else value - means.mean(0)
 
 
-def patched(model: nn.Module, layer: int, positions: torch.Tensor, value: torch.Tensor, mode: PatchMode = "replace"):
-    """Context manager: every forward inside is patched at ``layer``/``positions`` (see module docstring)."""
-    return patch_residual(model, layer, positions, value, mode)
+def patched(
+    model: nn.Module,
+    layer: int,
+    positions: torch.Tensor,
+    value: torch.Tensor,
+    mode: PatchMode = "replace",
+    onward: bool = False,
+):
+    """Context manager: every forward inside is patched at ``layer``/``positions`` (see module docstring).
+
+    ``onward=True`` also patches every later token, generated ones included (see
+    :func:`lcd.activations.patch_residual`): the ``answer`` position of :data:`PatchPosition`.
+    """
+    return patch_residual(model, layer, positions, value, mode, onward)
 
 
 # --- synthetic model: source basis x target basis matrix of MSE change ------------------------------
@@ -160,13 +180,21 @@ def synthetic_patching_matrix(
 
 @dataclass
 class LLMPatching:
-    """Result of :func:`llm_patching`: exact-match accuracy per concept (Null excluded), each (C,).
+    """One entry of :func:`llm_patching` (one layer, one position): accuracy per concept, each (C,), Null excluded.
+
+    Two scores of the same greedy answers: exact match of the whole answer, and first-token accuracy
+    (the first generated token is the gold answer's first token, the one the patched query position
+    predicts directly; for bitwise arithmetic, the first digit).
 
     Attributes:
-        base: Unpatched accuracy.
-        positive: Accuracy with the prompt's own concept mean patched in.
-        negative: Accuracy with the Null mean patched in.
+        base: Unpatched exact match.
+        positive: Exact match with the prompt's own concept mean patched in.
+        negative: Exact match with the Null mean patched in.
+        base_first_token: Unpatched first-token accuracy.
+        positive_first_token: First-token accuracy, positive patching.
+        negative_first_token: First-token accuracy, negative patching.
         layer: The patched layer (0-based).
+        position: Where it was patched (:data:`PatchPosition`).
         n: Prompts per concept.
 
     """
@@ -174,12 +202,53 @@ class LLMPatching:
     base: torch.Tensor
     positive: torch.Tensor
     negative: torch.Tensor
+    base_first_token: torch.Tensor
+    positive_first_token: torch.Tensor
+    negative_first_token: torch.Tensor
     layer: int
+    position: str
     n: torch.Tensor
+
+    def accuracy(self, metric: Literal["exact", "first_token"], sign: Literal["base", "positive", "negative"]):
+        """The (C,) accuracy of one metric and sign, e.g. ``accuracy("first_token", "negative")``."""
+        return getattr(self, sign if metric == "exact" else f"{sign}_first_token")
+
+
+PatchPosition = Literal["query", "answer"]
+"""Where LLM patching writes the mean at its layer:
+
+- ``query``: the last prompt token only (the paper's choice): it predicts the first answer token; the
+  rest of the answer feels the patch only through attention to that token's keys and values;
+- ``answer``: the query and every generated answer token, i.e. every position that predicts an answer
+  token (each greedy decoding step is patched too).
+"""
+PATCH_POSITIONS: tuple[str, ...] = ("query", "answer")
 
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _rows(batch: dict, keep: torch.Tensor) -> dict:
+    """The rows of a batch where ``keep`` (B,) is true (tensors and lists alike)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v[keep]
+        elif isinstance(v, list):
+            v = [x for x, r in zip(v, keep.tolist(), strict=True) if r]
+        out[k] = v
+    return out
+
+
+def _score(tokenizer, generated: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    """(B,) float hits of both metrics of :class:`LLMPatching` for greedy answers (B, n)."""
+    from lcd.lit.generation import decode_answers, exact_match, first_token_match
+
+    return {
+        "exact": exact_match(decode_answers(tokenizer, generated), batch["answers"]).float(),
+        "first_token": first_token_match(generated, batch["first_answer_id"]).float().cpu(),
+    }
 
 
 @torch.no_grad()
@@ -188,60 +257,90 @@ def llm_patching(
     tokenizer,
     mean_batches: Iterable[dict],
     eval_batches: Iterable[dict],
-    layer: int,
+    layers: int | Sequence[int],
     null_id: int,
     mode: PatchMode = "replace",
-    base: torch.Tensor | None = None,
-) -> LLMPatching:
-    """Positive and negative mean-activation patching of an LM at the last prompt token.
+    positions: PatchPosition | Sequence[PatchPosition] = "query",
+    means: dict[int, torch.Tensor] | None = None,
+) -> list[LLMPatching]:
+    """Positive and negative mean-activation patching of an LM, at each layer and position asked for.
+
+    The class means are measured at the last prompt token of ``mean_batches`` (every layer asked for, in
+    one pass). Each evaluation batch is answered greedily once unpatched, then once per position, layer
+    and sign under :func:`lcd.activations.patch_residual`, and both exact match and first-token
+    accuracy are scored (see :class:`LLMPatching`).
 
     Args:
         model: A Hugging Face causal LM.
         tokenizer: Its tokenizer (to decode answers).
         mean_batches: Prompt batches (see :mod:`lcd.data.text`) for the class means, from the train split,
             every class including Null present.
-        eval_batches: Prompt batches to patch and score (their Null rows are skipped).
-        layer: Layer to patch (0-based, negative from the end).
+        eval_batches: Prompt batches to patch and score (their Null rows are skipped); they carry
+            ``first_answer_id`` (:func:`lcd.data.text.encode_prompts` adds it).
+        layers: Layer or layers to patch (0-based, negative from the end).
         null_id: Concept id of Null (= number of concepts).
         mode: ``replace`` or ``add`` (see the module docstring).
-        base: Unpatched accuracy per concept (C,) if already known (skips one generation pass).
+        positions: ``query`` or ``answer`` (see :data:`PatchPosition`), or several.
+        means: The class means (C + 1, d) of every patched layer if already known; ``mean_batches`` is then
+            not read.
+
+    Returns:
+        One :class:`LLMPatching` per position (outer, in the order given) and layer (sorted); the
+        unpatched ``base`` is measured once and shared.
+
+    Raises:
+        ValueError: an unknown position, or a layer out of range.
 
     """
     from lcd.activations import last_token_positions, n_decoder_layers
-    from lcd.lit.generation import answer_budget, capture_and_generate, decode_answers, exact_match, greedy_generate
+    from lcd.lit.generation import answer_budget, capture_and_generate, greedy_generate
 
-    (layer,) = select_layers(layer, n_decoder_layers(model))
+    positions = [positions] if isinstance(positions, str) else list(positions)
+    if not positions or any(p not in PATCH_POSITIONS for p in positions):
+        raise ValueError(f"patch positions must be among {list(PATCH_POSITIONS)}, got {positions}.")
+    layers = select_layers([layers] if isinstance(layers, int) else list(layers), n_decoder_layers(model))  # sorted
     device = next(model.parameters()).device
-    feats, labels = [], []
-    for batch in mean_batches:
-        batch = _to(batch, device)
-        f, _ = capture_and_generate(model, batch["input_ids"], batch["attention_mask"], [layer])
-        feats.append(f[0].cpu())
-        labels.append(batch["concept"].cpu())
-    means = class_means(torch.cat(feats), torch.cat(labels), null_id + 1)  # (C + 1, d)
-    hits = torch.zeros(3, null_id)  # base, positive, negative
+    if means is None:
+        feats, labels = [], []
+        for batch in mean_batches:
+            batch = _to(batch, device)
+            f, _ = capture_and_generate(model, batch["input_ids"], batch["attention_mask"], layers)
+            feats.append(f.cpu())  # (L, B, d)
+            labels.append(batch["concept"].cpu())
+        features, concept = torch.cat(feats, 1), torch.cat(labels)  # (L, N, d), (N,)
+        means = {layer: class_means(features[i], concept, null_id + 1) for i, layer in enumerate(layers)}  # (C+1, d)
+    runs = [(p, layer) for p in positions for layer in layers]
+    # hits[metric][run, sign, concept]; sign 0 base (same for every run), 1 positive, 2 negative
+    hits = {m: torch.zeros(len(runs), 3, null_id) for m in ("exact", "first_token")}
     n = torch.zeros(null_id)
     for batch in eval_batches:
         keep = batch["concept"] != null_id
         if not keep.any():
             continue
-        batch = _to({k: v[keep] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, device)
-        answers = [a for a, k in zip(batch["answers"], keep.tolist(), strict=True) if k]
+        batch = _to(_rows(batch, keep), device)
         ids, mask, concept = batch["input_ids"], batch["attention_mask"], batch["concept"]
-        budget = answer_budget(tokenizer, answers)
-        positions = last_token_positions(mask)
-        sources = {"positive": concept, "negative": torch.full_like(concept, null_id)}
-        for row, name in enumerate(["base", "positive", "negative"]):
-            if name == "base" and base is not None:
-                continue
-            if name == "base":
-                out = greedy_generate(model, ids, mask, budget, tokenizer.pad_token_id)
-            else:
-                value = patch_value(means, sources[name], mode)
-                with patch_residual(model, layer, positions, value, mode):
-                    out = greedy_generate(model, ids, mask, budget, tokenizer.pad_token_id)
-            correct = exact_match(decode_answers(tokenizer, out), answers).float()
-            hits[row].index_add_(0, concept.cpu(), correct)
-        n.index_add_(0, concept.cpu(), torch.ones(len(answers)))
-    acc = hits / n.clamp(min=1)
-    return LLMPatching(acc[0] if base is None else base.float().cpu(), acc[1], acc[2], layer, n)
+        budget = answer_budget(tokenizer, batch["answers"])
+        query = last_token_positions(mask)
+        base = _score(tokenizer, greedy_generate(model, ids, mask, budget, tokenizer.pad_token_id), batch)
+        sources = {1: concept, 2: torch.full_like(concept, null_id)}  # positive: own concept; negative: Null
+        for r, (position, layer) in enumerate(runs):
+            for m in hits:
+                hits[m][r, 0].index_add_(0, concept.cpu(), base[m])
+            for sign, source in sources.items():
+                value = patch_value(means[layer], source, mode)
+                with patch_residual(model, layer, query, value, mode, onward=position == "answer"):
+                    got = _score(tokenizer, greedy_generate(model, ids, mask, budget, tokenizer.pad_token_id), batch)
+                for m in hits:
+                    hits[m][r, sign].index_add_(0, concept.cpu(), got[m])
+        n.index_add_(0, concept.cpu(), torch.ones(len(concept)))
+    acc = {m: h / n.clamp(min=1) for m, h in hits.items()}
+    return [
+        LLMPatching(
+            *acc["exact"][r],
+            *acc["first_token"][r],
+            layer=layer,
+            position=position,
+            n=n,
+        )
+        for r, (position, layer) in enumerate(runs)
+    ]

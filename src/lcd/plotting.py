@@ -174,17 +174,40 @@ def plot_cd_vs_accuracy(results: dict[int, dict]) -> Figure:
 
 
 def plot_patching(result, concept_names: Sequence[str], shots: int) -> Figure:
-    """Accuracy change per concept from positive and negative patching (bars)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Accuracy change per concept from positive and negative patching (bars): exact match, first token."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     x = np.arange(len(concept_names))
-    pos = (result.positive - result.base).numpy()
-    neg = (result.negative - result.base).numpy()
-    ax.bar(x - 0.2, pos, 0.4, label="positive (own concept mean)")
-    ax.bar(x + 0.2, neg, 0.4, label="negative (Null mean)")
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(x, concept_names)
-    ax.set(ylabel="accuracy change", title=f"mean-activation patching, layer {result.layer}, {shots}-shot")
-    ax.legend(fontsize=8)
+    for ax, metric, label in zip(axes, ("exact", "first_token"), ("exact match", "first answer token"), strict=True):
+        base = result.accuracy(metric, "base")
+        ax.bar(x - 0.2, (result.accuracy(metric, "positive") - base).numpy(), 0.4, label="positive (own concept mean)")
+        ax.bar(x + 0.2, (result.accuracy(metric, "negative") - base).numpy(), 0.4, label="negative (Null mean)")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, concept_names)
+        ax.set(title=label)
+    axes[0].set(ylabel="accuracy change")
+    axes[0].legend(fontsize=8)
+    where = getattr(result, "position", "query")
+    fig.suptitle(f"mean-activation patching at the {where}, layer {result.layer}, {shots}-shot")
+    return fig
+
+
+def plot_patching_layers(results: Sequence, shots: int) -> Figure:
+    """Mean accuracy change over concepts vs patched layer, per sign and position: exact match, first token."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, metric, label in zip(axes, ("exact", "first_token"), ("exact match", "first answer token"), strict=True):
+        for position, style in (("query", "-"), ("answer", "--")):
+            rs = sorted((r for r in results if r.position == position), key=lambda r: r.layer)
+            if not rs:
+                continue
+            layers = [r.layer for r in rs]
+            for sign, color in (("positive", "C0"), ("negative", "C1")):
+                delta = [(r.accuracy(metric, sign) - r.accuracy(metric, "base")).mean().item() for r in rs]
+                ax.plot(layers, delta, style, color=color, marker="o", label=f"{sign}, {position}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(xlabel="patched layer", title=label)
+    axes[0].set(ylabel="mean accuracy change")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"mean-activation patching per layer, {shots}-shot")
     return fig
 
 

@@ -12,6 +12,8 @@ Every batch is a dict:
                     (its closing line break included), for a next-token loss on the answer only
                     (transformers shifts it itself)
 ``answers``         list of B gold answer strings (``"00100"``)
+``first_answer_id`` (B,) the first answer token, i.e. the token the last prompt token should predict
+                    (after the leading whitespace moved into the prompt, see below)
 ``n_shots``         int, demonstrations per prompt
 ``index``           (B,) only in :meth:`ICLTextDataModule.loader` batches: each row's position in
                     the prompt list (evaluation batches are served longest prompt first)
@@ -102,6 +104,7 @@ def encode_prompts(
         "query_position": query,
         "concept": torch.tensor([p.concept for p in prompts]),
         "answers": [p.answer for p in prompts],
+        "first_answer_id": torch.tensor([a[0] for a in answer_ids]),
         "n_shots": prompts[0].n_shots,
     }
     if with_answers:

@@ -31,6 +31,7 @@ __all__ = [
     "capture_and_generate",
     "decode_answers",
     "exact_match",
+    "first_token_match",
     "greedy_generate",
     "onednn_linears",
     "position_ids_from_mask",
@@ -228,3 +229,19 @@ def answer_budget(tokenizer, answers: Sequence[str], prefix: str = " ") -> int:
     """Tokens to generate: the longest tokenized answer plus one, so an over-long answer is caught."""
     ids = tokenizer([prefix + a for a in answers], add_special_tokens=False)["input_ids"]
     return max(len(i) for i in ids) + 1
+
+
+def first_token_match(generated: torch.Tensor, first_answer_id: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the first generated token is the gold answer's first token.
+
+    That token is the one the last prompt token predicts directly (for bitwise arithmetic, the first
+    digit), so this is where an intervention at the last prompt token acts first. ``first_answer_id``
+    comes with every batch of :func:`lcd.data.text.encode_prompts`. For one-token answers it agrees
+    with exact match whenever the model also ends the answer after that token.
+
+    Args:
+        generated: (B, n) greedy continuations, n >= 1.
+        first_answer_id: (B,) gold first answer tokens.
+
+    """
+    return generated[:, 0] == first_answer_id.to(generated.device)

@@ -29,6 +29,10 @@ best_layer, cd_at_best_layer, accuracy, n), ``summary.csv`` (one row per shot co
 cd_best, chance, accuracy_mean, r2, slope, intercept, seconds; then a row ``all`` with the fit pooled over
 the finished shot counts), ``answers.csv`` (every prompt in prompt order: shots, prompt, concept, gold,
 answer as generated and cut at the line break, correct), ``patching.csv``; and ``<run_dir>/plots/probe_*.png``.
+
+Patching keys (``probe/shots_04/patch/``): ``layer``; ``base/concept_AND`` (exact match) and
+``positive|negative/concept_AND|mean`` (its change); the same under ``first_token/`` (first-token
+accuracy); and per position and layer, ``query/layer_05/exact|first_token/base|positive|negative/concept_AND|mean``.
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ from lcd.lit.generation import (
     exact_match,
 )
 from lcd.models.hf import CausalLMSpec, LoadedLM
-from lcd.patching import PatchMode, llm_patching
-from lcd.plotting import plot_cd_per_layer, plot_cd_vs_accuracy, plot_patching, save_figure
+from lcd.patching import PATCH_POSITIONS, PatchMode, PatchPosition, llm_patching
+from lcd.plotting import plot_cd_per_layer, plot_cd_vs_accuracy, plot_patching, plot_patching_layers, save_figure
 from lcd.runs import run_dir
 
 
@@ -80,11 +84,18 @@ class LitProbe(L.LightningModule):
         generate: Generate answers and score accuracy (``False``: CD only).
         patch_shots: Run mean-activation patching at this shot count (must be in ``eval_shots``);
             ``None`` skips patching.
-        patch_layer: Layer to patch; ``None`` for the best CD layer at ``patch_shots``.
+        patch_layer: Layer to patch; ``None`` for the best CD layer at ``patch_shots`` (the paper's
+            choice: the probed layer of highest CD on the evaluation prompts at that shot count). A list
+            sweeps those layers, each reported under ``patch/<position>/layer_LL/...``, and always adds
+            the best CD layer, which the short ``patch/...`` keys report.
         patch_mode: ``replace`` (default) or ``add``; see :mod:`lcd.patching`.
         patch_mean_per_concept: Train-split prompts per class used for the mean activations.
         progress_every_s: Seconds between progress lines when stdout is not a terminal (or the progress
             bar is off); ``null`` for none.
+        patch_position: Where to patch (:data:`lcd.patching.PatchPosition`): ``query`` (default, the
+            paper's: the last prompt token, which predicts the first answer token) or ``answer`` (the
+            query and every generated answer token); a list runs each, and the first is the one the
+            short ``patch/...`` keys report.
 
     """
 
@@ -96,10 +107,11 @@ class LitProbe(L.LightningModule):
         distance: Distance = "euclidean",
         generate: bool = True,
         patch_shots: int | None = None,
-        patch_layer: int | None = None,
+        patch_layer: int | list[int] | None = None,
         patch_mode: PatchMode = "replace",
         patch_mean_per_concept: int = 50,
         progress_every_s: float | None = 30.0,
+        patch_position: PatchPosition | list[PatchPosition] = "query",
     ) -> None:
         super().__init__()
         self.lm_spec = lm or CausalLMSpec()
@@ -108,12 +120,15 @@ class LitProbe(L.LightningModule):
             raise ValueError(f"patch_mean_per_concept must be >= 1, got {patch_mean_per_concept}.")
         if progress_every_s is not None and progress_every_s < 0:
             raise ValueError(f"progress_every_s must be >= 0 (or null for no progress lines), got {progress_every_s}.")
+        positions = [patch_position] if isinstance(patch_position, str) else list(patch_position)
+        if not positions or any(p not in PATCH_POSITIONS for p in positions):
+            raise ValueError(f"patch_position must be among {list(PATCH_POSITIONS)}, got {patch_position}.")
         check_knn_settings(k, distance, k_name="model k", distance_name="model distance")
         self.save_hyperparameters(ignore=["lm"])
         self.hparams["lm"] = vars(self.lm_spec)
         self.layers, self.k, self.distance, self.generate = layers, k, distance, generate
         self.patch_shots, self.patch_layer, self.patch_mode = patch_shots, patch_layer, patch_mode
-        self.patch_mean_per_concept = patch_mean_per_concept
+        self.patch_mean_per_concept, self.patch_positions = patch_mean_per_concept, list(dict.fromkeys(positions))
         self.progress_every_s = progress_every_s
         self.loaded: LoadedLM | None = None
         self._layers: list[int] = []
@@ -305,32 +320,58 @@ class LitProbe(L.LightningModule):
         for i, shots in enumerate(dm.eval_shots):
             n_batches = self.trainer.num_val_batches[i] if i < len(self.trainer.num_val_batches) else 0
             plan[shots] = _batched_tokens(prompt_lengths(tok, dm.eval_prompts(shots)), dm.eval_batch_size, n_batches)
-        if self.patch_shots is not None:  # two generation passes over the non-Null prompts, one over the means
+        if self.patch_shots is not None:  # over the means once; the non-Null prompts unpatched, then 2 per run
             null_id = len(dm.concept_names) - 1
             evals = [p for p in dm.eval_prompts(self.patch_shots) if p.concept != null_id]
             means = dm.prompts(self.patch_shots, "train", self.patch_mean_per_concept, include_null=True, stream=3)
             n_e, t_e = _batched_tokens(prompt_lengths(tok, evals), dm.eval_batch_size)
             n_m, t_m = _batched_tokens(prompt_lengths(tok, means), dm.eval_batch_size)
-            plan[-1] = (2 * n_e + n_m, 2 * t_e + t_m)
+            layers = len(self.patch_layer) + 1 if isinstance(self.patch_layer, list) else 1  # + the best layer
+            passes = 1 + 2 * layers * len(self.patch_positions)
+            plan[-1] = (passes * n_e + n_m, passes * t_e + t_m)
         return plan
 
     def _patch(self, names: list[str], null_id: int) -> dict[str, float]:
+        """Patch at ``patch_shots``; keys ``patch/...`` (primary layer and position) and per layer and position.
+
+        Keys under ``probe/shots_XX/patch/``: ``layer``; ``base/concept_X|mean`` (exact match),
+        ``positive|negative/concept_X|mean`` (exact-match change); the same under ``first_token/``
+        (first-token accuracy); and for every position P and layer LL, ``P/layer_LL/exact|first_token/
+        base|positive|negative/concept_X|mean`` (base: accuracy; positive, negative: change).
+        """
         dm, shots = self.trainer.datamodule, self.patch_shots
-        layer = self.patch_layer if self.patch_layer is not None else self.results[shots]["best_layer"]
+        best, n_layers = self.results[shots]["best_layer"], self.loaded.n_layers
+        if isinstance(self.patch_layer, list):  # a sweep, always with the best CD layer (the short keys')
+            primary, layers = best, select_layers([*self.patch_layer, best], n_layers)
+        else:
+            (primary,) = layers = select_layers(best if self.patch_layer is None else self.patch_layer, n_layers)
         means = dm.loader(dm.prompts(shots, "train", self.patch_mean_per_concept, include_null=True, stream=3))
         evals = dm.loader(dm.eval_prompts(shots))
-        base = torch.tensor([self.results[shots]["concepts"][names[c]]["acc"] for c in range(null_id)])
-        out = llm_patching(self.lm, self.loaded.tokenizer, means, evals, layer, null_id, self.patch_mode, base)
-        self.results[shots]["patching"] = out
+        tok = self.loaded.tokenizer
+        out = llm_patching(self.lm, tok, means, evals, layers, null_id, self.patch_mode, self.patch_positions)
+        main = next(r for r in out if r.position == self.patch_positions[0] and r.layer == primary)
+        self.results[shots]["patching"], self.results[shots]["patching_primary"] = out, main
         p = f"probe/shots_{shots:02d}/patch"
-        metrics = {f"{p}/layer": float(out.layer)}
-        for c in range(null_id):
-            metrics[f"{p}/base/concept_{names[c]}"] = out.base[c].item()
-            metrics[f"{p}/positive/concept_{names[c]}"] = (out.positive[c] - out.base[c]).item()
-            metrics[f"{p}/negative/concept_{names[c]}"] = (out.negative[c] - out.base[c]).item()
-        metrics[f"{p}/positive/mean"] = (out.positive - out.base).mean().item()
-        metrics[f"{p}/negative/mean"] = (out.negative - out.base).mean().item()
+        metrics = {f"{p}/layer": float(main.layer)}
+        for metric, key in (("exact", p), ("first_token", f"{p}/first_token")):
+            metrics.update(self._patch_metrics(main, metric, key, names, null_id))
+        for r in out:
+            for metric in ("exact", "first_token"):
+                key = f"{p}/{r.position}/layer_{r.layer:02d}/{metric}"
+                metrics.update(self._patch_metrics(r, metric, key, names, null_id))
         return metrics
+
+    @staticmethod
+    def _patch_metrics(r, metric: str, key: str, names: list[str], null_id: int) -> dict[str, float]:
+        """``key/base/...`` accuracy, ``key/positive|negative/...`` change, per concept and mean."""
+        base = r.accuracy(metric, "base")
+        m = {f"{key}/base/concept_{names[c]}": base[c].item() for c in range(null_id)}
+        m[f"{key}/base/mean"] = base.mean().item()
+        for sign in ("positive", "negative"):
+            delta = r.accuracy(metric, sign) - base
+            m.update({f"{key}/{sign}/concept_{names[c]}": delta[c].item() for c in range(null_id)})
+            m[f"{key}/{sign}/mean"] = delta.mean().item()
+        return m
 
     # --- files --------------------------------------------------------------------------------------
 
@@ -387,14 +428,26 @@ class LitProbe(L.LightningModule):
             save_figure(self.trainer, plot_cd_vs_accuracy(self.results), "probe_cd_vs_accuracy")
         for shots, res in self.results.items():
             if "patching" in res:
-                pt = res["patching"]
-                with open(out / "patching.csv", "w", newline="") as f:
-                    w = csv.writer(f)
-                    w.writerow(["shots", "layer", "mode", "concept", "n", "base", "positive", "negative"])
-                    for c, name in enumerate(names[:-1]):
-                        row = [pt.base[c], pt.positive[c], pt.negative[c]]
-                        w.writerow([shots, pt.layer, self.patch_mode, name, int(pt.n[c]), *(f"{v:.4f}" for v in row)])
-                save_figure(self.trainer, plot_patching(pt, names[:-1], shots), "probe_patching")
+                self._write_patching(out / "patching.csv", shots, res["patching"], names[:-1])
+                plot = plot_patching(res["patching_primary"], names[:-1], shots)
+                save_figure(self.trainer, plot, "probe_patching")
+                if len(res["patching"]) > 1:
+                    save_figure(self.trainer, plot_patching_layers(res["patching"], shots), "probe_patching_layers")
+
+    def _write_patching(self, path: Path, shots: int, results: list, concepts: list[str]) -> None:
+        """One row per position, layer and concept: exact match and first-token accuracy, base and patched."""
+        cols = ["base", "positive", "negative"]
+        header = ["shots", "layer", "mode", "position", "concept", "n", *cols, *(f"{c}_first_token" for c in cols)]
+        _write_csv(
+            path,
+            header,
+            (
+                [shots, r.layer, self.patch_mode, r.position, name, int(r.n[c])]
+                + [f"{r.accuracy(m, sign)[c]:.4f}" for m in ("exact", "first_token") for sign in cols]
+                for r in results
+                for c, name in enumerate(concepts)
+            ),
+        )
 
 
 # --- progress, tables, files ------------------------------------------------------------------------------
