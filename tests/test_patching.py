@@ -73,7 +73,11 @@ def test_llm_patching_reports_accuracy_per_concept(tiny, monkeypatch):
     evals = [encode_prompts(tiny.tokenizer, make_prompts(task, 1, 3))]
     applied = []  # (layer, positions, value, mode, onward) of every patch: a random tiny model's answers never change
     real_patch = patching.patch_residual
-    monkeypatch.setattr(patching, "patch_residual", lambda m, *args: applied.append(args) or real_patch(m, *args))
+    monkeypatch.setattr(
+        patching,
+        "patch_residual",
+        lambda m, *args, **kw: applied.append((*args, kw.get("onward"))) or real_patch(m, *args, **kw),
+    )
     out = llm_patching(
         tiny.model, tiny.tokenizer, means, evals, layers=[-1, 0], null_id=6, positions=["answer", "query"]
     )

@@ -166,8 +166,13 @@ def _metrics(run: Path) -> dict[str, float]:
 )
 def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml, monkeypatch):
     model_dir = save_tiny_lm(tmp_path / "model", arch)
+
     # A random tiny model answers nothing right: plant exact match = True, so accuracy has a value to get right.
-    monkeypatch.setattr("lcd.lit.probe.exact_match", lambda predictions, answers: torch.ones(len(answers), dtype=bool))
+    def planted(predictions, answers):
+        return torch.ones(len(answers), dtype=bool)
+
+    monkeypatch.setattr("lcd.lit.probe.exact_match", planted)
+    monkeypatch.setattr("lcd.lit.generation.exact_match", planted)  # patching scores through it
     run = _run(tmp_path / "run", model_dir, model_yaml, "configs/llm/tasks/bitwise.yaml", "configs/llm/patching.yaml")
     m = _metrics(run)
     for shots in ("01", "04"):
@@ -190,7 +195,7 @@ def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml,
     for r in patch:
         assert float(r["base"]) == pytest.approx(m[f"probe/shots_04/acc/concept_{r['concept']}"])
         first = m[f"probe/shots_04/patch/first_token/base/concept_{r['concept']}"]
-        assert float(r["base_first_token"]) == pytest.approx(first, abs=1e-4) and first >= float(r["base"])
+        assert float(r["base_first_token"]) == pytest.approx(first, abs=1e-4)  # not planted: the real first tokens
     for name in ("probe_cd_per_layer", "probe_cd_vs_accuracy", "probe_patching"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
 
@@ -291,22 +296,22 @@ def lightning_log():
 
 def test_probe_saves_answers_and_r2_and_prints_one_table_per_shot_count(tmp_path, capsys, lightning_log):
     model_dir = save_tiny_lm(tmp_path / "model", "llama")
-    run = _run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml")  # debug: 1 and 4 shots, 4 per class
+    run = _run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml")  # debug: 1 and 4 shots, 11 per class
     m = _metrics(run)
     answers = list(csv.DictReader(open(run / "probe" / "answers.csv")))
-    assert len(answers) == 2 * 28
+    assert len(answers) == 2 * 77
     names = BitwiseTask().label_names
     for shots in (1, 4):
         rows = [r for r in answers if r["shots"] == str(shots)]
-        prompts = make_prompts(BitwiseTask(), shots, 4, "test", seed=0)  # the datamodule's evaluation set
-        assert [int(r["prompt"]) for r in rows] == list(range(28))  # prompt order, though served longest first
+        prompts = make_prompts(BitwiseTask(), shots, 11, "test", seed=0)  # the datamodule's evaluation set
+        assert [int(r["prompt"]) for r in rows] == list(range(77))  # prompt order, though served longest first
         assert [(r["concept"], r["gold"]) for r in rows] == [(names[p.concept], p.answer) for p in prompts]
         assert all(r["correct"] == str(int(r["answer"] == r["gold"])) for r in rows)
         for name in names[:-1]:
             hits = [int(r["correct"]) for r in rows if r["concept"] == name]
             assert m[f"probe/shots_{shots:02d}/acc/concept_{name}"] == pytest.approx(sum(hits) / len(hits))
     summary = {r["shots"]: r for r in csv.DictReader(open(run / "probe" / "summary.csv"))}
-    assert list(summary) == ["1", "4", "all"] and summary["all"]["prompts"] == "56"
+    assert list(summary) == ["1", "4", "all"] and summary["all"]["prompts"] == "154"
     for shots in ("01", "04"):
         row = summary[str(int(shots))]
         assert float(row["cd_best"]) == pytest.approx(m[f"probe/shots_{shots}/cd/best"], abs=1e-4)
@@ -321,7 +326,7 @@ def test_probe_saves_answers_and_r2_and_prints_one_table_per_shot_count(tmp_path
     assert "DataLoader 0" not in out and "probe/shots_01/cd/layer_00" not in out  # Lightning's table is off
     logged = "\n".join(lightning_log.lines)
     for shots in (1, 4):
-        assert f"probe | {shots} shots | 28 prompts in" in logged
+        assert f"probe | {shots} shots | 77 prompts in" in logged
         best = int(m[f"probe/shots_{shots:02d}/cd/best_layer"])
         assert f"best CD {m[f'probe/shots_{shots:02d}/cd/best']:.3f} at layer {best}" in logged
     assert "XNOR" in logged and f"CD@{best}" in logged
@@ -342,7 +347,7 @@ def test_a_stopped_probe_keeps_every_finished_shot_count(tmp_path, monkeypatch):
         _run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml")
     probe = tmp_path / "run" / "probe"
     assert {r["shots"] for r in csv.DictReader(open(probe / "cd_per_layer.csv"))} == {"1"}
-    assert len(list(csv.DictReader(open(probe / "answers.csv")))) == 28
+    assert len(list(csv.DictReader(open(probe / "answers.csv")))) == 77
     assert [r["shots"] for r in csv.DictReader(open(probe / "summary.csv"))] == ["1", "all"]
     assert (tmp_path / "run" / "plots" / "probe_cd_per_layer.png").stat().st_size > 1000
     assert not list(probe.glob("*.tmp"))
