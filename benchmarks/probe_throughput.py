@@ -1,6 +1,6 @@
 """Throughput of lcd's batched LLM probe vs a naive one-prompt-at-a-time loop, on real EWT 10-shot POS prompts.
 
-Prompts: 10-shot POS prompts from UD English EWT (``POSTask(conllu_path=...)``; ~390 tokens each on
+Prompts: 10-shot POS prompts from the UD English EWT split shipped with lcd (``POSTask()``; ~390 tokens each on
 Gemma's tokenizer), concepts and Null mixed as the probe serves them, on Gemma 3 270M (float32, CPU).
 
 - lcd: the probe's own path. ``ICLTextDataModule.loader`` serves the prompts longest first, so each
@@ -42,8 +42,6 @@ from lcd.lit.generation import (
 )
 from lcd.models.hf import load_causal_lm
 from lcd.tasks import POSTask
-
-EWT = "/work/shared/data/ud_english_ewt/en_ewt-ud-dev.conllu"
 
 
 def naive(model, tok, prompts) -> tuple[torch.Tensor, list[str], int]:
@@ -88,7 +86,7 @@ def padding(dm: ICLTextDataModule, prompts, by_length: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--conllu", default=EWT, help="a CoNLL-U corpus (UD English EWT)")
+    parser.add_argument("--conllu", default=None, help="a CoNLL-U corpus (default: the shipped UD English EWT)")
     parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -99,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     lm = load_causal_lm(args.model)
     model, tok = lm.model, lm.tokenizer
-    task = POSTask(conllu_path=args.conllu, n_sentences=None)
+    task = POSTask(conllu_path=args.conllu)
     per = -(-args.n_prompts // (task.n_concepts + 1))  # ceil: every class present
     dm = ICLTextDataModule(task, eval_shots=[args.shots], n_per_concept=per, eval_batch_size=args.batch_size)
     dm.set_tokenizer(tok)
