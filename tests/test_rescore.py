@@ -44,10 +44,10 @@ def test_scores_every_checkpoint_like_the_callback(fitted, tmp_path):
     model, data = load_run(cfg, None)
     assert load_weights(model, ckpts[-1]) == 4
     for position in ("query", "last_y"):
-        features, labels, _ = rescore.probe_features(model.eval(), list(data.probe_dataloader(100)), [0, 1], position)
+        features, labels, _ = rescore.probe_features(model.eval(), list(data.probe_dataloader()), [0, 1], position)
         linear = [linear_probe_accuracy(features[i], labels) for i in range(2)]
         assert [histories[position, "cosine"][-1][f"linear/layer_{i:02d}"] for i in range(2)] == linear
-    # Same weights, same probe set (the callback's 100 per concept), same setting: the callback's numbers
+    # Same weights, same probe set (the datamodule's, as the callback uses it), same setting: the callback's numbers
     # at the end of fit, key for key.
     (live,) = [row for row in read_history(root / HISTORY_FILE) if row["step"] == 4]
     for key in live:
