@@ -372,3 +372,18 @@ def test_probe_without_null_class(tmp_path):
     extra = ("--data.init_args.include_null=false", "--data.init_args.eval_shots=[1]")
     m = _metrics(_run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml", extra=extra))
     assert m["probe/chance"] == pytest.approx(1 / 6) and "probe/shots_01/cd/concept_Null" not in m
+
+
+def test_probe_report_counts_padding_and_formats_for_people(tmp_path):
+    from lcd.lit.probe_report import Progress, batched_tokens, duration, number, write_csv
+
+    assert batched_tokens([3, 10, 4, 9, 5], batch_size=2) == (5, 2 * 10 + 2 * 5 + 1 * 3)  # longest first
+    assert batched_tokens([3, 10, 4, 9, 5], batch_size=2, n_batches=1) == (2, 20)
+    progress = Progress({1: (4, 100), -1: (2, 100)}, every_s=3600)
+    first = progress.update(1, 2, 40, 50)
+    assert first.startswith("probe | 1 shots | 2/4 prompts | ") and "(whole probe incl. patching)" in first
+    assert progress.update(1, 2, 40, 50) is None  # the next line is due in an hour
+    assert (duration(59.6), duration(3723)) == ("1m00s", "1h02m03s")
+    assert (number(None), number(float("nan")), number(0.12345)) == ("", "nan", "0.1235")
+    write_csv(tmp_path / "a.csv", ["x", "y"], [[1, 2]])
+    assert (tmp_path / "a.csv").read_text().splitlines() == ["x,y", "1,2"] and not list(tmp_path.glob("*.tmp"))

@@ -55,7 +55,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lcd.configs import add_conventions, resolve_config_args
 from lcd.errors import user_errors
-from lcd.runs.guard import Guarded, guard_run, launched_as_rank_zero
+from lcd.rundir.guard import Guarded, guard_run, launched_as_rank_zero
 
 __all__ = ["TOOLS", "LCDCLI", "main", "make_cli"]
 
@@ -193,7 +193,7 @@ class LCDCLI(LightningCLI):
             if lcd_logger and _class_name(logger) == "WandbLogger" and self.subcommand != "fit":
                 args.align_steps = False  # validate/test (and make_cli(run=False) users) keep W&B's counter
             if lcd_logger and _class_name(logger) == "CSVLogger" and self.subcommand == "fit":
-                # A fit's CSV is version_0 (a fresh fit never lands on an earlier run's CSV, see lcd.runs.guard),
+                # A fit's CSV is version_0 (a fresh fit never lands on an earlier run's CSV, see lcd.rundir.guard),
                 # so a resume continues it even after validate/test runs added version_1, ...
                 if args.get("version") is None:
                     args.version = 0

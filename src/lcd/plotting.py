@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lcd.analysis.stats import linear_fit  # noqa: E402
-from lcd.runs import run_dir  # noqa: E402
+from lcd.rundir import run_dir  # noqa: E402
 
 
 def save_figure(trainer: L.Trainer, fig: Figure, name: str) -> Path | None:
