@@ -55,6 +55,7 @@ from lcd.lit.generation import (
     capture_and_generate,
     decode_answers,
     exact_match,
+    first_token_match,
 )
 from lcd.lit.probe_report import (
     Progress,
@@ -215,7 +216,8 @@ class LitProbe(L.LightningModule):
             self.lm, batch["input_ids"], batch["attention_mask"], self._layers, budget, tok.pad_token_id, stop
         )
         store = self._store.setdefault(
-            shots, {"features": [], "concept": [], "index": [], "answers": [], "predictions": [], "t0": t0}
+            shots,
+            {"features": [], "concept": [], "index": [], "answers": [], "predictions": [], "first_hits": [], "t0": t0},
         )
         store["features"].append(feats.cpu())  # (L, B, d)
         store["concept"].append(batch["concept"].cpu())
@@ -224,13 +226,21 @@ class LitProbe(L.LightningModule):
         store["answers"] += batch["answers"]
         if self.generate:
             store["predictions"] += decode_answers(tok, gen)
-        if self._progress is not None:
-            mask = batch["attention_mask"]
-            line = self._progress.update(shots, n, int(mask.sum()), mask.numel())
-            if line:
-                rank_zero_info(line)
+            store["first_hits"].append(first_token_match(gen, batch["first_answer_id"].to(gen.device)).cpu())
+        self._report_progress(shots, batch)
         if not self.trainer.sanity_checking and batch_idx + 1 == self.trainer.num_val_batches[dataloader_idx]:
             self._finish(shots)  # the last batch of this shot count: write what it found now
+
+    def _report_progress(self, shots: int, batch: dict, passes: int = 1) -> None:
+        """Count a batch (``passes`` forward passes over it) in the progress lines; ``shots`` -1: patching."""
+        if self._progress is not None:
+            mask = batch["attention_mask"]
+            line = self._progress.update(shots, len(mask), passes * int(mask.sum()), passes * mask.numel())
+            if line:
+                rank_zero_info(line)
+
+    def _patch_progress(self, batch: dict, passes: int) -> None:
+        self._report_progress(-1, batch, passes)
 
     def _finish(self, shots: int) -> None:
         """CD, accuracy and R² of one finished shot count; (re)write the files; print its table."""
@@ -247,15 +257,18 @@ class LitProbe(L.LightningModule):
         per_cd = per_concept_decodability(features[best], labels, self.k, self.distance)
         res = {"layers": self._layers, "cd": cd, "best_layer": self._layers[best], "concepts": {}}
         res.update(n_prompts=len(gold), chance=chance_level(labels), seconds=time.time() - store["t0"])
-        correct = None
+        correct = first_hits = None
         if self.generate:
             predictions = [store["predictions"][i] for i in order.tolist()]
-            correct = exact_match(predictions, gold)
+            correct, first_hits = exact_match(predictions, gold), torch.cat(store["first_hits"])[order]
             rows = zip(index[order].tolist(), labels.tolist(), gold, predictions, correct.tolist(), strict=True)
             res["answers"] = list(rows)  # (prompt, concept id, gold, answer, correct) in prompt order
         for c in sorted(per_cd):  # the classes present (Null only if the data includes it)
-            acc = correct[labels == c].float().mean().item() if correct is not None and c != null_id else None
+            scored = correct is not None and c != null_id
+            acc = correct[labels == c].float().mean().item() if scored else None
             res["concepts"][names[c]] = {"cd": per_cd[c], "acc": acc, "n": int((labels == c).sum())}
+            if scored:  # the unpatched first-token accuracy that patching compares with
+                res["concepts"][names[c]]["acc_first_token"] = first_hits[labels == c].float().mean().item()
         if correct is not None:
             accs = [r["acc"] for r in res["concepts"].values() if r["acc"] is not None]
             res["acc_mean"] = sum(accs) / len(accs)
@@ -318,15 +331,15 @@ class LitProbe(L.LightningModule):
         for i, shots in enumerate(dm.eval_shots):
             n_batches = self.trainer.num_val_batches[i] if i < len(self.trainer.num_val_batches) else 0
             plan[shots] = batched_tokens(prompt_lengths(tok, dm.eval_prompts(shots)), dm.eval_batch_size, n_batches)
-        if self.patch_shots is not None:  # over the means once; the non-Null prompts unpatched, then 2 per run
+        if self.patch_shots is not None:  # the means once; the non-Null prompts 2 per run (+ unpatched: no answers)
             null_id = len(dm.concept_names) - 1
             evals = [p for p in dm.eval_prompts(self.patch_shots) if p.concept != null_id]
             means = dm.prompts(self.patch_shots, "train", self.patch_mean_per_concept, include_null=True, stream=3)
             n_e, t_e = batched_tokens(prompt_lengths(tok, evals), dm.eval_batch_size)
             n_m, t_m = batched_tokens(prompt_lengths(tok, means), dm.eval_batch_size)
             layers = len(self.patch_layer) + 1 if isinstance(self.patch_layer, list) else 1  # + the best layer
-            passes = 1 + 2 * layers * len(self.patch_positions)
-            plan[-1] = (passes * n_e + n_m, passes * t_e + t_m)
+            passes = 2 * layers * len(self.patch_positions) + (0 if self.generate else 1)
+            plan[-1] = (n_e + n_m, passes * t_e + t_m)  # prompts patched or averaged; tokens of every pass
         return plan
 
     def _patch(self, names: list[str], null_id: int) -> dict[str, float]:
@@ -345,8 +358,15 @@ class LitProbe(L.LightningModule):
             (primary,) = layers = select_layers(best if self.patch_layer is None else self.patch_layer, n_layers)
         means = dm.loader(dm.prompts(shots, "train", self.patch_mean_per_concept, include_null=True, stream=3))
         evals = dm.loader(dm.eval_prompts(shots))
-        tok = self.loaded.tokenizer
-        out = llm_patching(self.lm, tok, means, evals, layers, null_id, self.patch_mode, self.patch_positions)
+        tok, concepts = self.loaded.tokenizer, self.results[shots]["concepts"]
+        base = None  # the probe's own answers at these prompts are the unpatched ones: no pass to repeat
+        if self.generate:
+            metrics = {"exact": "acc", "first_token": "acc_first_token"}
+            base = {m: torch.tensor([concepts[names[c]][key] for c in range(null_id)]) for m, key in metrics.items()}
+        out = llm_patching(
+            self.lm, tok, means, evals, layers, null_id, self.patch_mode, self.patch_positions, base=base,
+            on_batch=self._patch_progress,
+        )  # fmt: skip
         main = next(r for r in out if r.position == self.patch_positions[0] and r.layer == primary)
         self.results[shots]["patching"], self.results[shots]["patching_primary"] = out, main
         p = f"probe/shots_{shots:02d}/patch"

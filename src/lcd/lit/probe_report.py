@@ -117,7 +117,10 @@ class Progress:
         self.lines = 0
 
     def update(self, shots: int, prompts: int, tokens: int, computed: int) -> str | None:
-        """Count one batch (``tokens`` real, ``computed`` with padding); return a line when one is due."""
+        """Count one batch (``tokens`` real, ``computed`` with padding); return a line when one is due.
+
+        ``shots`` -1 counts patching's passes (prompts are then the prompts patched and measured).
+        """
         now = time.time()
         self.done[shots] = self.done.get(shots, 0) + prompts
         self.tokens, self.computed = self.tokens + tokens, self.computed + computed
@@ -128,8 +131,9 @@ class Progress:
         left = elapsed * max(self.total - self.computed, 0) / max(self.computed, 1)
         total = self.plan.get(shots, (0, 0))[0]
         patching = " incl. patching" if -1 in self.plan else ""
+        what = "patching" if shots == -1 else f"{shots} shots"
         return (
-            f"probe | {shots} shots | {self.done[shots]}/{total} prompts | {self.tokens / max(elapsed, 1e-9):.0f} "
+            f"probe | {what} | {self.done[shots]}/{total} prompts | {self.tokens / max(elapsed, 1e-9):.0f} "
             f"tokens/s | elapsed {duration(elapsed)} | left ~{duration(left)} (whole probe{patching})"
         )
 
