@@ -64,6 +64,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "rescore": ("lcd.analysis.rescore", "CD of saved checkpoints at other positions/distances, with a linear probe"),
     "patch-matrix": ("lcd.analysis.patch_matrix", "synthetic mean-activation patching: source x target basis"),
     "compare": ("lcd.analysis.compare", "PAPER.md Table 1: pretrained vs early vs late finetuning vs concept named"),
+    "probes": ("lcd.analysis.probes", "finished LLM probes side by side: CD per layer, CD vs accuracy, R², patching"),
 }
 """Analysis subcommands: name -> (module with ``main(argv)``, one-line description)."""
 
