@@ -12,7 +12,7 @@ from conftest import DEBUG, TINY_SYNTHETIC, config
 from lcd.analysis.onsets import concept_onsets, format_onsets
 from lcd.cli import main, make_cli
 from lcd.lit import LitPretrain
-from lcd.runs import read_history
+from lcd.rundir import read_history
 
 CPU = config("configs/trainer/cpu.yaml", "configs/synthetic/cpu.yaml")
 CD = config("callbacks/concept_decodability.yaml")  # as `make run`

@@ -13,7 +13,7 @@ from conftest import DEBUG, ROOT, TINY_SYNTHETIC, config
 
 from lcd.cli import main
 from lcd.decodability import ConceptDecodabilityMetric
-from lcd.runs import read_history
+from lcd.rundir import read_history
 
 pytestmark = pytest.mark.slow
 

@@ -20,6 +20,7 @@ from lcd.decodability import (
     per_concept_decodability,
     shuffled_decodability,
 )
+from lcd.neighbours import loo_neighbours
 
 
 def clusters(n_per: int = 50, n_concepts: int = 4, d: int = 16, spread: float = 0.1, seed: int = 0):
@@ -284,3 +285,16 @@ def test_metric_accumulates_batches():
     expected = concept_decodability(layered, y)
     assert out["cd"].tolist() == pytest.approx(expected.tolist())
     assert out["per_concept"].shape == (2, 4)
+
+
+def test_loo_neighbours_are_the_float64_nearest_with_ties_to_the_lower_index():
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + torch.randn(60, 8, generator=g)  # a large shared offset, as in residual streams
+    x[7] = x[3]  # a duplicate: distance ties
+    idx = loo_neighbours(x, 5)
+    d = torch.cdist(x.double(), x.double()).fill_diagonal_(float("inf"))
+    expected = torch.stack([torch.tensor(sorted(range(60), key=lambda j: (d[i, j].item(), j))[:5]) for i in range(60)])
+    assert torch.equal(idx.sort(-1).values, expected.sort(-1).values)
+    assert 7 in idx[3].tolist() and 3 in idx[7].tolist() and (idx != torch.arange(60)[:, None]).all()
+    cosine = loo_neighbours(x, 5, "cosine")
+    assert cosine.shape == (60, 5) and (cosine != torch.arange(60)[:, None]).all()

@@ -14,7 +14,7 @@ from lcd.finetuning import LoRA, lora_targets
 from lcd.layers import LateLayers
 from lcd.lit.finetune import LitFinetune, export_merged
 from lcd.models.hf import CausalLMSpec
-from lcd.runs import read_history
+from lcd.rundir import read_history
 from lcd.tasks import BitwiseTask, make_prompts
 
 BASE = config("configs/trainer/cpu.yaml", "configs/finetune/base.yaml", "configs/llm/tasks/bitwise.yaml")

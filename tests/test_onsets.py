@@ -11,7 +11,7 @@ from lcd.analysis.onsets import (
     merge_by_step,
     running_median,
 )
-from lcd.runs import write_history
+from lcd.rundir import write_history
 
 
 def history(spike_at: int | None = None) -> list[dict[str, float]]:

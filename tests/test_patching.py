@@ -107,6 +107,20 @@ def test_llm_patching_reports_accuracy_per_concept(tiny, monkeypatch):
     torch.testing.assert_close(out[0].base, torch.zeros(6).index_add_(0, batch["concept"][keep], correct) / 3)
     first = first_token_match(gen, batch["first_answer_id"]).float()[keep]
     torch.testing.assert_close(out[0].base_first_token, torch.zeros(6).index_add_(0, batch["concept"][keep], first) / 3)
+    # the probe passes its own unpatched accuracy: the same results without the unpatched generation pass
+    from lcd.lit import generation
+
+    calls = []
+    real_generate = generation.greedy_generate
+    monkeypatch.setattr(generation, "greedy_generate", lambda *a, **kw: calls.append(1) or real_generate(*a, **kw))
+    base = {"exact": out[0].base, "first_token": out[0].base_first_token}
+    again = llm_patching(
+        tiny.model, tiny.tokenizer, means, evals, layers=[-1, 0], null_id=6, positions=["answer", "query"], base=base
+    )
+    assert len(calls) == 2 * len(out)  # one batch: positive and negative per run, nothing unpatched
+    for r, s in zip(out, again, strict=True):
+        for field in ("base", "positive", "negative", "base_first_token", "positive_first_token", "n"):
+            torch.testing.assert_close(getattr(s, field), getattr(r, field))
     with pytest.raises(ValueError, match="out of range"):
         llm_patching(tiny.model, tiny.tokenizer, means, evals, layers=2, null_id=6)
     with pytest.raises(ValueError, match="patch positions"):

@@ -164,7 +164,7 @@ def _metrics(run: Path) -> dict[str, float]:
     "arch,model_yaml",
     [("gemma3", "configs/llm/models/gemma3_270m.yaml"), ("llama", "configs/llm/models/smollm2_135m.yaml")],
 )
-def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml, monkeypatch):
+def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml, monkeypatch, lightning_log, capsys):
     model_dir = save_tiny_lm(tmp_path / "model", arch)
 
     # A random tiny model answers nothing right: plant exact match = True, so accuracy has a value to get right.
@@ -173,8 +173,12 @@ def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml,
 
     monkeypatch.setattr("lcd.lit.probe.exact_match", planted)
     monkeypatch.setattr("lcd.lit.generation.exact_match", planted)  # patching scores through it
-    run = _run(tmp_path / "run", model_dir, model_yaml, "configs/llm/tasks/bitwise.yaml", "configs/llm/patching.yaml")
+    yamls = (model_yaml, "configs/llm/tasks/bitwise.yaml", "configs/llm/patching.yaml")
+    run = _run(tmp_path / "run", model_dir, *yamls, extra=("--model.init_args.progress_every_s=0",))
     m = _metrics(run)
+    patching_lines = [line for line in lightning_log.lines if line.startswith("probe | patching | ")]
+    # the non-Null 4-shot prompts once each, then the means' prompts (50 per class in patching.yaml)
+    assert patching_lines and patching_lines[-1].startswith(f"probe | patching | {66 + 7 * 50}/{66 + 7 * 50} prompts")
     for shots in ("01", "04"):
         assert {f"probe/shots_{shots}/cd/layer_00", f"probe/shots_{shots}/cd/layer_01"} <= m.keys()
         cds = [m[f"probe/shots_{shots}/cd/layer_00"], m[f"probe/shots_{shots}/cd/layer_01"]]  # best: the argmax
@@ -198,6 +202,31 @@ def test_probe_bitwise_with_patching_through_the_cli(tmp_path, arch, model_yaml,
         assert float(r["base_first_token"]) == pytest.approx(first, abs=1e-4)  # not planted: the real first tokens
     for name in ("probe_cd_per_layer", "probe_cd_vs_accuracy", "probe_patching"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
+    # lcd probes: the run beside itself, its table read back from the probe's files
+    from lcd.analysis.probes import read_probe
+
+    read = read_probe(run)
+    assert sorted(read) == [1, 4] and read[4]["best_layer"] == m["probe/shots_04/cd/best_layer"]
+    assert [r["concept"] for r in read[4]["patching"]] == ["AND", "NAND", "OR", "NOR", "XOR", "XNOR"]
+    with pytest.raises(SystemExit):
+        main(["probes", str(tmp_path), "--out", str(tmp_path / "none")])
+    assert "lcd probes: error: " + str(tmp_path) + " holds no finished probe" in capsys.readouterr().err
+    rows = main(["probes", str(run), str(run), "--name", "a", "b", "--out", str(tmp_path / "both")])
+    assert [(r["run"], r["shots"]) for r in rows] == [(n, s) for n in "ab" for s in ("1", "4", "all")]
+    four = rows[1]
+    assert (int(four["best_layer"]), float(four["cd_best"])) == (
+        m["probe/shots_04/cd/best_layer"],
+        pytest.approx(m["probe/shots_04/cd/best"], abs=1e-3),
+    )
+    assert float(four["accuracy_mean"]) == pytest.approx(m["probe/shots_04/acc/mean"], abs=1e-3)
+    assert float(four["positive_first_token"]) == pytest.approx(
+        m["probe/shots_04/patch/first_token/positive/mean"], abs=2e-3
+    )
+    assert float(four["negative"]) == pytest.approx(m["probe/shots_04/patch/negative/mean"], abs=2e-3)
+    assert rows[2]["r2"] == ("nan" if math.isnan(m["probe/r2"]) else f"{m['probe/r2']:.3f}")
+    assert (tmp_path / "both" / "probes.png").stat().st_size > 1000 and "| a | 4 |" in (
+        tmp_path / "both" / "probes.md"
+    ).read_text()
 
 
 def test_probe_patching_sweeps_layers_and_positions(tmp_path):
@@ -372,3 +401,18 @@ def test_probe_without_null_class(tmp_path):
     extra = ("--data.init_args.include_null=false", "--data.init_args.eval_shots=[1]")
     m = _metrics(_run(tmp_path / "run", model_dir, "configs/llm/tasks/bitwise.yaml", extra=extra))
     assert m["probe/chance"] == pytest.approx(1 / 6) and "probe/shots_01/cd/concept_Null" not in m
+
+
+def test_probe_report_counts_padding_and_formats_for_people(tmp_path):
+    from lcd.lit.probe_report import Progress, batched_tokens, duration, number, write_csv
+
+    assert batched_tokens([3, 10, 4, 9, 5], batch_size=2) == (5, 2 * 10 + 2 * 5 + 1 * 3)  # longest first
+    assert batched_tokens([3, 10, 4, 9, 5], batch_size=2, n_batches=1) == (2, 20)
+    progress = Progress({1: (4, 100), -1: (2, 100)}, every_s=3600)
+    first = progress.update(1, 2, 40, 50)
+    assert first.startswith("probe | 1 shots | 2/4 prompts | ") and "(whole probe incl. patching)" in first
+    assert progress.update(1, 2, 40, 50) is None  # the next line is due in an hour
+    assert (duration(59.6), duration(3723)) == ("1m00s", "1h02m03s")
+    assert (number(None), number(float("nan")), number(0.12345)) == ("", "nan", "0.1235")
+    write_csv(tmp_path / "a.csv", ["x", "y"], [[1, 2]])
+    assert (tmp_path / "a.csv").read_text().splitlines() == ["x,y", "1,2"] and not list(tmp_path.glob("*.tmp"))

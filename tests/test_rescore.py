@@ -9,7 +9,7 @@ from conftest import DEBUG, TINY_SYNTHETIC, config
 from lcd.analysis import rescore
 from lcd.cli import main as cli_main
 from lcd.decodability import linear_probe_accuracy
-from lcd.runs import HISTORY_FILE, load_run, load_weights, read_history
+from lcd.rundir import HISTORY_FILE, load_run, load_weights, read_history
 
 
 @pytest.fixture(scope="module")

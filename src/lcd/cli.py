@@ -55,7 +55,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lcd.configs import add_conventions, resolve_config_args
 from lcd.errors import user_errors
-from lcd.runs.guard import Guarded, guard_run, launched_as_rank_zero
+from lcd.rundir.guard import Guarded, guard_run, launched_as_rank_zero
 
 __all__ = ["TOOLS", "LCDCLI", "main", "make_cli"]
 
@@ -64,6 +64,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "rescore": ("lcd.analysis.rescore", "CD of saved checkpoints at other positions/distances, with a linear probe"),
     "patch-matrix": ("lcd.analysis.patch_matrix", "synthetic mean-activation patching: source x target basis"),
     "compare": ("lcd.analysis.compare", "PAPER.md Table 1: pretrained vs early vs late finetuning vs concept named"),
+    "probes": ("lcd.analysis.probes", "finished LLM probes side by side: CD per layer, CD vs accuracy, R², patching"),
 }
 """Analysis subcommands: name -> (module with ``main(argv)``, one-line description)."""
 
@@ -193,7 +194,7 @@ class LCDCLI(LightningCLI):
             if lcd_logger and _class_name(logger) == "WandbLogger" and self.subcommand != "fit":
                 args.align_steps = False  # validate/test (and make_cli(run=False) users) keep W&B's counter
             if lcd_logger and _class_name(logger) == "CSVLogger" and self.subcommand == "fit":
-                # A fit's CSV is version_0 (a fresh fit never lands on an earlier run's CSV, see lcd.runs.guard),
+                # A fit's CSV is version_0 (a fresh fit never lands on an earlier run's CSV, see lcd.rundir.guard),
                 # so a resume continues it even after validate/test runs added version_1, ...
                 if args.get("version") is None:
                     args.version = 0

@@ -262,6 +262,8 @@ def llm_patching(
     mode: PatchMode = "replace",
     positions: PatchPosition | Sequence[PatchPosition] = "query",
     means: dict[int, torch.Tensor] | None = None,
+    base: dict[str, torch.Tensor] | None = None,
+    on_batch: Callable[[dict, int], None] | None = None,
 ) -> list[LLMPatching]:
     """Positive and negative mean-activation patching of an LM, at each layer and position asked for.
 
@@ -283,6 +285,10 @@ def llm_patching(
         positions: ``query`` or ``answer`` (see :data:`PatchPosition`), or several.
         means: The class means (C + 1, d) of every patched layer if already known; ``mean_batches`` is then
             not read.
+        base: The unpatched accuracy per concept (C,) of both metrics (``exact``, ``first_token``) if already
+            known, e.g. from the probe's own answers to ``eval_batches``; the unpatched pass is then skipped.
+        on_batch: Called after each batch with the batch (its Null rows dropped) and the forward passes run
+            over it, e.g. to report progress.
 
     Returns:
         One :class:`LLMPatching` per position (outer, in the order given) and layer (sorted); the
@@ -307,6 +313,8 @@ def llm_patching(
             f, _ = capture_and_generate(model, batch["input_ids"], batch["attention_mask"], layers)
             feats.append(f.cpu())  # (L, B, d)
             labels.append(batch["concept"].cpu())
+            if on_batch is not None:
+                on_batch(batch, 1)
         features, concept = torch.cat(feats, 1), torch.cat(labels)  # (L, N, d), (N,)
         means = {layer: class_means(features[i], concept, null_id + 1) for i, layer in enumerate(layers)}  # (C+1, d)
     runs = [(p, layer) for p in positions for layer in layers]
@@ -321,11 +329,12 @@ def llm_patching(
         ids, mask, concept = batch["input_ids"], batch["attention_mask"], batch["concept"]
         budget = answer_budget(tokenizer, batch["answers"])
         query = last_token_positions(mask)
-        base = _score(tokenizer, greedy_generate(model, ids, mask, budget, tokenizer.pad_token_id), batch)
+        if base is None:
+            unpatched = _score(tokenizer, greedy_generate(model, ids, mask, budget, tokenizer.pad_token_id), batch)
+            for m in hits:
+                hits[m][:, 0].index_add_(1, concept.cpu(), unpatched[m].expand(len(runs), -1))
         sources = {1: concept, 2: torch.full_like(concept, null_id)}  # positive: own concept; negative: Null
         for r, (position, layer) in enumerate(runs):
-            for m in hits:
-                hits[m][r, 0].index_add_(0, concept.cpu(), base[m])
             for sign, source in sources.items():
                 value = patch_value(means[layer], source, mode)
                 with patch_residual(model, layer, query, value, mode, onward=position == "answer"):
@@ -333,7 +342,12 @@ def llm_patching(
                 for m in hits:
                     hits[m][r, sign].index_add_(0, concept.cpu(), got[m])
         n.index_add_(0, concept.cpu(), torch.ones(len(concept)))
+        if on_batch is not None:
+            on_batch(batch, 2 * len(runs) + (base is None))
     acc = {m: h / n.clamp(min=1) for m, h in hits.items()}
+    if base is not None:
+        for m in acc:
+            acc[m][:, 0] = base[m]
     return [
         LLMPatching(
             *acc["exact"][r],

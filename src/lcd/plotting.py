@@ -18,11 +18,12 @@ from collections.abc import Sequence  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lcd.analysis.stats import linear_fit  # noqa: E402
-from lcd.runs import run_dir  # noqa: E402
+from lcd.rundir import run_dir  # noqa: E402
 
 
 def save_figure(trainer: L.Trainer, fig: Figure, name: str) -> Path | None:
@@ -130,9 +131,12 @@ def plot_error_vs_position(
     return fig
 
 
-def plot_cd_per_layer(results: dict[int, dict], chance: float) -> Figure:
-    """One line of CD against layer (0-based) per shot count; chance dashed; best layers marked."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+def plot_cd_per_layer(results: dict[int, dict], chance: float, ax: Axes | None = None) -> Figure:
+    """One line of CD against layer (0-based) per shot count; chance dashed; best layers marked.
+
+    ``ax``: draw into these axes (a panel of a larger figure) instead of a new figure.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4)) if ax is None else (ax.figure, ax)
     for shots, res in sorted(results.items()):
         (line,) = ax.plot(res["layers"], res["cd"].tolist(), marker="o", ms=3, label=f"{shots}-shot")
         best = res["layers"].index(res["best_layer"])
@@ -145,9 +149,12 @@ def plot_cd_per_layer(results: dict[int, dict], chance: float) -> Figure:
     return fig
 
 
-def plot_cd_vs_accuracy(results: dict[int, dict]) -> Figure:
-    """Per-concept CD (at each shot count's best layer) vs exact-match accuracy, with the pooled fit."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+def plot_cd_vs_accuracy(results: dict[int, dict], ax: Axes | None = None) -> Figure:
+    """Per-concept CD (at each shot count's best layer) vs exact-match accuracy, with the pooled fit.
+
+    ``ax``: draw into these axes (a panel of a larger figure) instead of a new figure.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4.5)) if ax is None else (ax.figure, ax)
     markers = "osD^v<>p"
     concepts = [n for n, r in next(iter(results.values()))["concepts"].items() if r["acc"] is not None]
     colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(concepts)}
@@ -170,6 +177,21 @@ def plot_cd_vs_accuracy(results: dict[int, dict]) -> Figure:
         xlabel="CD of the concept (best layer)", ylabel="exact-match accuracy", title=f"pooled linear fit R² = {r2:.3f}"
     )
     ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def plot_probe_runs(runs: dict[str, dict[int, dict]], chance: float) -> Figure:
+    """Several probes side by side, one column each: CD per layer per shot count, then CD vs accuracy."""
+    fig, axes = plt.subplots(2, len(runs), figsize=(6.5 * len(runs), 9), squeeze=False)
+    for j, (name, results) in enumerate(runs.items()):
+        plot_cd_per_layer(results, chance, axes[0, j])
+        axes[0, j].set_title(f"{name}: CD at the token before the answer")
+        if any(r["acc"] is not None for res in results.values() for r in res["concepts"].values()):
+            plot_cd_vs_accuracy(results, axes[1, j])
+            axes[1, j].set_title(f"{name}: {axes[1, j].get_title()}")
+        else:
+            axes[1, j].set_axis_off()
+    fig.tight_layout()
     return fig
 
 

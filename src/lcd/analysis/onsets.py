@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lcd.errors import user_errors
-from lcd.runs import read_history
+from lcd.rundir import read_history
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from lcd.errors import user_errors
 from lcd.patching import PatchMode, SyntheticPatching, synthetic_patching_matrix
 from lcd.plotting import plot_patching_matrix, save_png
-from lcd.runs import load_run
+from lcd.rundir import load_run
 
 
 @user_errors("lcd patch-matrix")

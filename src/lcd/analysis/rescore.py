@@ -38,7 +38,7 @@ from lcd.decodability import Distance, check_knn_settings, layerwise_decodabilit
 from lcd.errors import user_errors
 from lcd.layers import select_layers
 from lcd.plotting import plot_cd_history, save_png
-from lcd.runs import CheckpointError, history_row, load_run, load_weights, write_history
+from lcd.rundir import CheckpointError, history_row, load_run, load_weights, write_history
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from lcd.analysis.onsets import concept_onsets, format_onsets
 from lcd.decodability import ConceptDecodabilityMetric, Distance, check_knn_settings
 from lcd.layers import LayerGroup, select_layers
 from lcd.plotting import plot_cd_heatmap, plot_cd_history, plot_snapshot, save_figure
-from lcd.runs import HISTORY_FILE, ONSETS_FILE, history_row, run_dir, write_history
+from lcd.rundir import HISTORY_FILE, ONSETS_FILE, history_row, run_dir, write_history
 
 
 class ConceptDecodability(L.Callback):

@@ -32,7 +32,7 @@ from lcd.data.text import IGNORE_INDEX
 from lcd.finetuning import FinetuneMethod, count_parameters, trainable_parameter_names
 from lcd.lit.generation import answer_budget, decode_answers, exact_match, greedy_generate, position_ids_from_mask
 from lcd.models.hf import CausalLMSpec, LoadedLM
-from lcd.runs import run_dir
+from lcd.rundir import run_dir
 
 __all__ = ["LitFinetune", "export_merged"]
 

@@ -37,12 +37,8 @@ accuracy); and per position and layer, ``query/layer_05/exact|first_token/base|p
 
 from __future__ import annotations
 
-import csv
-import math
-import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -59,11 +55,21 @@ from lcd.lit.generation import (
     capture_and_generate,
     decode_answers,
     exact_match,
+    first_token_match,
+)
+from lcd.lit.probe_report import (
+    Progress,
+    batched_tokens,
+    cd_accuracy_points,
+    duration,
+    format_shot_summary,
+    shot_list,
+    write_probe_csvs,
 )
 from lcd.models.hf import CausalLMSpec, LoadedLM
 from lcd.patching import PATCH_POSITIONS, PatchMode, PatchPosition, llm_patching
 from lcd.plotting import plot_cd_per_layer, plot_cd_vs_accuracy, plot_patching, plot_patching_layers, save_figure
-from lcd.runs import run_dir
+from lcd.rundir import run_dir
 
 
 class LitProbe(L.LightningModule):
@@ -134,7 +140,7 @@ class LitProbe(L.LightningModule):
         self._layers: list[int] = []
         self._stop_ids: torch.Tensor | None = None
         self._store: dict[int, dict[str, list]] = {}
-        self._progress: _Progress | None = None
+        self._progress: Progress | None = None
         self.results: dict[int, dict] = {}
 
     @property
@@ -192,7 +198,7 @@ class LitProbe(L.LightningModule):
         bar = self.trainer.progress_bar_callback
         every = self.progress_every_s
         if every is not None and (bar is None or not sys.stdout.isatty()):
-            self._progress = _Progress(self._plan(), every)
+            self._progress = Progress(self._plan(), every)
         else:
             self._progress = None
 
@@ -210,7 +216,8 @@ class LitProbe(L.LightningModule):
             self.lm, batch["input_ids"], batch["attention_mask"], self._layers, budget, tok.pad_token_id, stop
         )
         store = self._store.setdefault(
-            shots, {"features": [], "concept": [], "index": [], "answers": [], "predictions": [], "t0": t0}
+            shots,
+            {"features": [], "concept": [], "index": [], "answers": [], "predictions": [], "first_hits": [], "t0": t0},
         )
         store["features"].append(feats.cpu())  # (L, B, d)
         store["concept"].append(batch["concept"].cpu())
@@ -219,13 +226,21 @@ class LitProbe(L.LightningModule):
         store["answers"] += batch["answers"]
         if self.generate:
             store["predictions"] += decode_answers(tok, gen)
-        if self._progress is not None:
-            mask = batch["attention_mask"]
-            line = self._progress.update(shots, n, int(mask.sum()), mask.numel())
-            if line:
-                rank_zero_info(line)
+            store["first_hits"].append(first_token_match(gen, batch["first_answer_id"].to(gen.device)).cpu())
+        self._report_progress(shots, batch)
         if not self.trainer.sanity_checking and batch_idx + 1 == self.trainer.num_val_batches[dataloader_idx]:
             self._finish(shots)  # the last batch of this shot count: write what it found now
+
+    def _report_progress(self, shots: int, batch: dict, passes: int = 1) -> None:
+        """Count a batch (``passes`` forward passes over it) in the progress lines; ``shots`` -1: patching."""
+        if self._progress is not None:
+            mask = batch["attention_mask"]
+            line = self._progress.update(shots, len(mask), passes * int(mask.sum()), passes * mask.numel())
+            if line:
+                rank_zero_info(line)
+
+    def _patch_progress(self, batch: dict, passes: int) -> None:
+        self._report_progress(-1, batch, passes)
 
     def _finish(self, shots: int) -> None:
         """CD, accuracy and R² of one finished shot count; (re)write the files; print its table."""
@@ -242,19 +257,22 @@ class LitProbe(L.LightningModule):
         per_cd = per_concept_decodability(features[best], labels, self.k, self.distance)
         res = {"layers": self._layers, "cd": cd, "best_layer": self._layers[best], "concepts": {}}
         res.update(n_prompts=len(gold), chance=chance_level(labels), seconds=time.time() - store["t0"])
-        correct = None
+        correct = first_hits = None
         if self.generate:
             predictions = [store["predictions"][i] for i in order.tolist()]
-            correct = exact_match(predictions, gold)
+            correct, first_hits = exact_match(predictions, gold), torch.cat(store["first_hits"])[order]
             rows = zip(index[order].tolist(), labels.tolist(), gold, predictions, correct.tolist(), strict=True)
             res["answers"] = list(rows)  # (prompt, concept id, gold, answer, correct) in prompt order
         for c in sorted(per_cd):  # the classes present (Null only if the data includes it)
-            acc = correct[labels == c].float().mean().item() if correct is not None and c != null_id else None
+            scored = correct is not None and c != null_id
+            acc = correct[labels == c].float().mean().item() if scored else None
             res["concepts"][names[c]] = {"cd": per_cd[c], "acc": acc, "n": int((labels == c).sum())}
+            if scored:  # the unpatched first-token accuracy that patching compares with
+                res["concepts"][names[c]]["acc_first_token"] = first_hits[labels == c].float().mean().item()
         if correct is not None:
             accs = [r["acc"] for r in res["concepts"].values() if r["acc"] is not None]
             res["acc_mean"] = sum(accs) / len(accs)
-            res["fit"] = linear_fit(*self._scatter({shots: res}))
+            res["fit"] = linear_fit(*cd_accuracy_points({shots: res}))
         self.results[shots] = res
         self.write_outputs()
         if self.trainer.is_global_zero:
@@ -271,9 +289,9 @@ class LitProbe(L.LightningModule):
         null_id = len(names) - 1
         metrics = self._metrics()
         if self.generate:
-            fit = linear_fit(*self._scatter(self.results))
+            fit = linear_fit(*cd_accuracy_points(self.results))
             metrics["probe/r2"] = fit[2]
-            rank_zero_info(f"probe | R² of accuracy on CD, pooled over {_shot_list(self.results)} shots: {fit[2]:.3f}")
+            rank_zero_info(f"probe | R² of accuracy on CD, pooled over {shot_list(self.results)} shots: {fit[2]:.3f}")
         if self.patch_shots is not None:
             t0 = time.time()
             rank_zero_info(f"probe | patching at {self.patch_shots} shots ...")
@@ -282,7 +300,7 @@ class LitProbe(L.LightningModule):
             pos, neg = metrics[f"{p}/positive/mean"], metrics[f"{p}/negative/mean"]
             rank_zero_info(
                 f"probe | patching at {self.patch_shots} shots, layer {int(metrics[f'{p}/layer'])}: mean accuracy "
-                f"change positive {pos:+.3f}, negative {neg:+.3f} ({_duration(time.time() - t0)})"
+                f"change positive {pos:+.3f}, negative {neg:+.3f} ({duration(time.time() - t0)})"
             )
         self.log_dict(metrics, sync_dist=False)
         self.write_outputs()
@@ -306,29 +324,22 @@ class LitProbe(L.LightningModule):
             metrics["probe/chance"] = res["chance"]
         return metrics
 
-    @staticmethod
-    def _scatter(results: dict[int, dict]) -> tuple[list[float], list[float]]:
-        pts = [
-            (r["cd"], r["acc"]) for res in results.values() for r in res["concepts"].values() if r["acc"] is not None
-        ]
-        return [x for x, _ in pts], [y for _, y in pts]
-
     def _plan(self) -> dict[int, tuple[int, int]]:
         """Prompts and tokens computed (padding included) per shot count, and for patching (key -1)."""
         dm, tok = self.trainer.datamodule, self.loaded.tokenizer
         plan = {}
         for i, shots in enumerate(dm.eval_shots):
             n_batches = self.trainer.num_val_batches[i] if i < len(self.trainer.num_val_batches) else 0
-            plan[shots] = _batched_tokens(prompt_lengths(tok, dm.eval_prompts(shots)), dm.eval_batch_size, n_batches)
-        if self.patch_shots is not None:  # over the means once; the non-Null prompts unpatched, then 2 per run
+            plan[shots] = batched_tokens(prompt_lengths(tok, dm.eval_prompts(shots)), dm.eval_batch_size, n_batches)
+        if self.patch_shots is not None:  # the means once; the non-Null prompts 2 per run (+ unpatched: no answers)
             null_id = len(dm.concept_names) - 1
             evals = [p for p in dm.eval_prompts(self.patch_shots) if p.concept != null_id]
             means = dm.prompts(self.patch_shots, "train", self.patch_mean_per_concept, include_null=True, stream=3)
-            n_e, t_e = _batched_tokens(prompt_lengths(tok, evals), dm.eval_batch_size)
-            n_m, t_m = _batched_tokens(prompt_lengths(tok, means), dm.eval_batch_size)
+            n_e, t_e = batched_tokens(prompt_lengths(tok, evals), dm.eval_batch_size)
+            n_m, t_m = batched_tokens(prompt_lengths(tok, means), dm.eval_batch_size)
             layers = len(self.patch_layer) + 1 if isinstance(self.patch_layer, list) else 1  # + the best layer
-            passes = 1 + 2 * layers * len(self.patch_positions)
-            plan[-1] = (passes * n_e + n_m, passes * t_e + t_m)
+            passes = 2 * layers * len(self.patch_positions) + (0 if self.generate else 1)
+            plan[-1] = (n_e + n_m, passes * t_e + t_m)  # prompts patched or averaged; tokens of every pass
         return plan
 
     def _patch(self, names: list[str], null_id: int) -> dict[str, float]:
@@ -347,8 +358,15 @@ class LitProbe(L.LightningModule):
             (primary,) = layers = select_layers(best if self.patch_layer is None else self.patch_layer, n_layers)
         means = dm.loader(dm.prompts(shots, "train", self.patch_mean_per_concept, include_null=True, stream=3))
         evals = dm.loader(dm.eval_prompts(shots))
-        tok = self.loaded.tokenizer
-        out = llm_patching(self.lm, tok, means, evals, layers, null_id, self.patch_mode, self.patch_positions)
+        tok, concepts = self.loaded.tokenizer, self.results[shots]["concepts"]
+        base = None  # the probe's own answers at these prompts are the unpatched ones: no pass to repeat
+        if self.generate:
+            metrics = {"exact": "acc", "first_token": "acc_first_token"}
+            base = {m: torch.tensor([concepts[names[c]][key] for c in range(null_id)]) for m, key in metrics.items()}
+        out = llm_patching(
+            self.lm, tok, means, evals, layers, null_id, self.patch_mode, self.patch_positions, base=base,
+            on_batch=self._patch_progress,
+        )  # fmt: skip
         main = next(r for r in out if r.position == self.patch_positions[0] and r.layer == primary)
         self.results[shots]["patching"], self.results[shots]["patching_primary"] = out, main
         p = f"probe/shots_{shots:02d}/patch"
@@ -376,160 +394,17 @@ class LitProbe(L.LightningModule):
     # --- files --------------------------------------------------------------------------------------
 
     def write_outputs(self) -> None:
-        """CSV files under ``<run_dir>/probe`` and PNG plots under ``<run_dir>/plots`` (rank 0), atomically."""
+        """CSV files under ``<run_dir>/probe`` (each written whole) and PNG plots under ``<run_dir>/plots`` (rank 0)."""
         if not self.trainer.is_global_zero or not self.results:
             return
-        out = Path(run_dir(self.trainer)) / "probe"
-        out.mkdir(parents=True, exist_ok=True)
-        results = sorted(self.results.items())
-        _write_csv(
-            out / "cd_per_layer.csv",
-            ["shots", "layer", "cd"],
-            (
-                [shots, layer, f"{v:.4f}"]
-                for shots, res in results
-                for layer, v in zip(res["layers"], res["cd"].tolist(), strict=True)
-            ),
-        )
-        _write_csv(
-            out / "concepts.csv",
-            ["shots", "concept", "best_layer", "cd_at_best_layer", "accuracy", "n"],
-            (
-                [shots, name, res["best_layer"], f"{r['cd']:.4f}", _num(r["acc"]), r["n"]]
-                for shots, res in results
-                for name, r in res["concepts"].items()
-            ),
-        )
-        summary = []
-        for shots, res in results:
-            fit = res.get("fit", (None, None, None))
-            row = [shots, res["n_prompts"], res["best_layer"], _num(res["cd"].max().item()), _num(res["chance"])]
-            summary.append([*row, _num(res.get("acc_mean")), _num(fit[2]), _num(fit[0]), _num(fit[1])])
-            summary[-1].append(f"{res['seconds']:.1f}")
-        if self.generate:
-            slope, intercept, r2 = linear_fit(*self._scatter(self.results))
-            n = sum(res["n_prompts"] for _, res in results)
-            summary.append(["all", n, "", "", "", "", _num(r2), _num(slope), _num(intercept), ""])
-        header = ["shots", "prompts", "best_layer", "cd_best", "chance", "accuracy_mean", "r2", "slope", "intercept"]
-        _write_csv(out / "summary.csv", [*header, "seconds"], summary)
-        if self.generate:
-            _write_csv(
-                out / "answers.csv",
-                ["shots", "prompt", "concept", "gold", "answer", "correct"],
-                (
-                    [shots, i, self.trainer.datamodule.concept_names[c], gold, answer, int(ok)]
-                    for shots, res in results
-                    for i, c, gold, answer, ok in res["answers"]
-                ),
-            )
         names = self.trainer.datamodule.concept_names
+        write_probe_csvs(Path(run_dir(self.trainer)) / "probe", self.results, names, self.generate, self.patch_mode)
         save_figure(self.trainer, plot_cd_per_layer(self.results, chance=1 / len(names)), "probe_cd_per_layer")
         if self.generate:
             save_figure(self.trainer, plot_cd_vs_accuracy(self.results), "probe_cd_vs_accuracy")
         for shots, res in self.results.items():
             if "patching" in res:
-                self._write_patching(out / "patching.csv", shots, res["patching"], names[:-1])
                 plot = plot_patching(res["patching_primary"], names[:-1], shots)
                 save_figure(self.trainer, plot, "probe_patching")
                 if len(res["patching"]) > 1:
                     save_figure(self.trainer, plot_patching_layers(res["patching"], shots), "probe_patching_layers")
-
-    def _write_patching(self, path: Path, shots: int, results: list, concepts: list[str]) -> None:
-        """One row per position, layer and concept: exact match and first-token accuracy, base and patched."""
-        cols = ["base", "positive", "negative"]
-        header = ["shots", "layer", "mode", "position", "concept", "n", *cols, *(f"{c}_first_token" for c in cols)]
-        _write_csv(
-            path,
-            header,
-            (
-                [shots, r.layer, self.patch_mode, r.position, name, int(r.n[c])]
-                + [f"{r.accuracy(m, sign)[c]:.4f}" for m in ("exact", "first_token") for sign in cols]
-                for r in results
-                for c, name in enumerate(concepts)
-            ),
-        )
-
-
-# --- progress, tables, files ------------------------------------------------------------------------------
-
-
-class _Progress:
-    """Prompts and tokens done against a plan; a log line on the first batch, then every ``every_s`` seconds.
-
-    Time left is the planned tokens still to compute (padding included; patching's passes too) at the
-    rate measured so far: long prompts cost more per prompt, so tokens rather than prompts set the pace.
-    """
-
-    def __init__(self, plan: dict[int, tuple[int, int]], every_s: float) -> None:
-        self.plan, self.every_s = plan, every_s
-        self.total = sum(t for _, t in plan.values())
-        self.start = self.last = time.time()
-        self.computed = self.tokens = 0
-        self.done: dict[int, int] = {}
-        self.lines = 0
-
-    def update(self, shots: int, prompts: int, tokens: int, computed: int) -> str | None:
-        """Count one batch (``tokens`` real, ``computed`` with padding); return a line when one is due."""
-        now = time.time()
-        self.done[shots] = self.done.get(shots, 0) + prompts
-        self.tokens, self.computed = self.tokens + tokens, self.computed + computed
-        if self.lines and now - self.last < self.every_s:
-            return None
-        self.last, self.lines = now, self.lines + 1
-        elapsed = now - self.start
-        left = elapsed * max(self.total - self.computed, 0) / max(self.computed, 1)
-        total = self.plan.get(shots, (0, 0))[0]
-        patching = " incl. patching" if -1 in self.plan else ""
-        return (
-            f"probe | {shots} shots | {self.done[shots]}/{total} prompts | {self.tokens / max(elapsed, 1e-9):.0f} "
-            f"tokens/s | elapsed {_duration(elapsed)} | left ~{_duration(left)} (whole probe{patching})"
-        )
-
-
-def _batched_tokens(lengths: Sequence[int], batch_size: int, n_batches: int | None = None) -> tuple[int, int]:
-    """Prompts and tokens computed (each batch padded to its longest) when served longest first."""
-    lengths = sorted(lengths, reverse=True)
-    chunks = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)][:n_batches]
-    return sum(len(c) for c in chunks), sum(len(c) * c[0] for c in chunks)
-
-
-def format_shot_summary(shots: int, res: dict) -> str:
-    """The console table of one finished shot count (see :class:`LitProbe`)."""
-    best, cd = res["best_layer"], res["cd"].max().item()
-    head = f"probe | {shots} shots | {res['n_prompts']} prompts in {_duration(res['seconds'])}"
-    line = f"  best CD {cd:.3f} at layer {best} (chance {res['chance']:.3f})"
-    if "fit" in res:
-        line += f" | mean accuracy {res['acc_mean']:.3f} | R² (accuracy on CD) {_num(res['fit'][2], 3)}"
-    width = max(len("concept"), *(len(n) for n in res["concepts"]))
-    rows = [f"  {'concept':<{width}}  {f'CD@{best}':>7}  {'accuracy':>8}  {'n':>5}"]
-    for name, r in res["concepts"].items():
-        acc = "-" if r["acc"] is None else f"{r['acc']:.3f}"
-        rows.append(f"  {name:<{width}}  {r['cd']:>7.3f}  {acc:>8}  {r['n']:>5}")
-    return "\n".join([head, line, *rows])
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def _shot_list(results: dict[int, dict]) -> str:
-    return ", ".join(str(s) for s in sorted(results))
-
-
-def _num(value: float | None, digits: int = 4) -> str:
-    """A number for a CSV cell or a table: empty when absent, ``nan`` when undefined (e.g. R² of constant CD)."""
-    if value is None:
-        return ""
-    return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
-    """Write a CSV whole or not at all: a temporary file, then one rename (a stop never leaves half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)

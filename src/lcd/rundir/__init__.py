@@ -1,6 +1,6 @@
 """Run directories and what lives in them: the lock, the outputs, checkpoints, the CD history."""
 
-from lcd.runs.checkpoints import (
+from lcd.rundir.checkpoints import (
     CheckpointError,
     UnreadableCheckpointError,
     UnsafeCheckpointError,
@@ -11,7 +11,7 @@ from lcd.runs.checkpoints import (
     load_weights,
     newest_intact_checkpoint,
 )
-from lcd.runs.directory import (
+from lcd.rundir.directory import (
     LOCK_FILE,
     OUTPUTS,
     RunDirectoryError,
@@ -20,7 +20,7 @@ from lcd.runs.directory import (
     run_dir,
     run_outputs,
 )
-from lcd.runs.history import HISTORY_FILE, ONSETS_FILE, history_row, read_history, write_history
+from lcd.rundir.history import HISTORY_FILE, ONSETS_FILE, history_row, read_history, write_history
 
 __all__ = [
     "HISTORY_FILE",

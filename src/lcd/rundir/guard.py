@@ -13,14 +13,14 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lcd.runs.checkpoints import (
+from lcd.rundir.checkpoints import (
     CheckpointError,
     UnreadableCheckpointError,
     check_checkpoint,
     last_checkpoint,
     newest_intact_checkpoint,
 )
-from lcd.runs.directory import RunDirectoryError, RunLock, move_outputs_aside, run_outputs
+from lcd.rundir.directory import RunDirectoryError, RunLock, move_outputs_aside, run_outputs
 
 __all__ = ["Guarded", "guard_run", "launched_as_rank_zero", "resolve_ckpt_path"]
 

@@ -21,7 +21,7 @@ from wandb_records import history, kept_by_wandb
 from lcd.analysis import rescore
 from lcd.cli import main
 from lcd.lit import LitPretrain
-from lcd.runs import (
+from lcd.rundir import (
     CheckpointError,
     RunDirectoryError,
     RunLock,
@@ -211,7 +211,7 @@ def test_fresh_fit_into_a_used_run_directory_is_refused_and_overwrite_moves_it_a
 def test_guard_refuses_a_fresh_fit_over_outputs_and_moves_them_aside_on_overwrite(tmp_path):
     from jsonargparse import Namespace
 
-    from lcd.runs.guard import guard_run
+    from lcd.rundir.guard import guard_run
 
     root = tmp_path / "run"
     (root / "checkpoints").mkdir(parents=True)
