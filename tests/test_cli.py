@@ -183,6 +183,14 @@ def test_lightning_command_and_python_m_lcd(tmp_path, monkeypatch):
         except SystemExit as exit_:  # the console script ends with sys.exit(main())
             assert exit_.code in (0, None), name
         assert (out / "checkpoints" / "last.ckpt").exists(), name
+    # an analysis tool through the installed `lcd` script: exit status 0, its Python return value not printed
+    config_yaml = next((tmp_path / "0").rglob("config.yaml"))
+    ckpt = tmp_path / "0" / "checkpoints" / "last.ckpt"
+    monkeypatch.setattr(sys, "argv", ["lcd", "rescore", "--config", str(config_yaml), "--ckpt", str(ckpt)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(_bin("lcd"), run_name="__main__")
+    assert exit_.value.code is None
+    assert list((config_yaml.parent / "cd_checkpoints").glob("cd_history_*.csv"))  # it ran
 
 
 def test_lcd_help_lists_every_subcommand_and_each_tool_explains_its_options(capsys):

@@ -1,5 +1,5 @@
 """``python -m lcd`` is the ``lcd`` command."""
 
-from lcd.cli import main
+from lcd.cli import console
 
-main()
+console()

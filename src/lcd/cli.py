@@ -57,7 +57,7 @@ from lcd.configs import add_conventions, resolve_config_args
 from lcd.errors import user_errors
 from lcd.rundir.guard import Guarded, guard_run, launched_as_rank_zero
 
-__all__ = ["TOOLS", "LCDCLI", "main", "make_cli"]
+__all__ = ["TOOLS", "LCDCLI", "console", "main", "make_cli"]
 
 TOOLS: dict[str, tuple[str, str]] = {
     "onsets": ("lcd.analysis.onsets", "per concept: the step its loss dropped and the step its CD rose, and the lag"),
@@ -261,5 +261,13 @@ def main(args: list[str] | None = None) -> Any:
     return None
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``lcd`` and ``lightning`` console scripts: :func:`main`, whose return value is for Python callers.
+
+    The exit status is 0, or what a raised ``SystemExit`` carries (2 for a user error).
+    """
     main()
+
+
+if __name__ == "__main__":
+    console()
