@@ -252,7 +252,7 @@ def test_callback_refuses_k_above_the_probe_set_before_training(tmp_path, capsys
     assert "distance" in capsys.readouterr().err
 
 
-def test_probe_refuses_k_above_n_per_concept_before_loading_the_model(tmp_path, monkeypatch):
+def test_probe_refuses_impossible_k_and_patching_before_loading_the_model(tmp_path, monkeypatch):
     from lcd.lit.probe import LitProbe
     from lcd.models.hf import CausalLMSpec
 
@@ -271,6 +271,11 @@ def test_probe_refuses_k_above_n_per_concept_before_loading_the_model(tmp_path, 
     # configs/llm/debug.yaml: 11 prompts per class (Null too), so k = 11 is one too many.
     with pytest.raises(SystemExit, match=r"model k=11 is too large.*n_per_concept.*at most 10.*at least 12"):
         main([*args, "--model.init_args.k=11"])
+    # patching settings that cannot work are refused before the model loads too
+    with pytest.raises(SystemExit, match=r"patch_shots=10 is not among data eval_shots=\[1, 4\]"):
+        main([*args, "--model.init_args.patch_shots=10"])
+    with pytest.raises(SystemExit, match="negative patching needs the Null class"):
+        main([*args, "--model.init_args.patch_shots=4", "--data.init_args.include_null=false"])
     with pytest.raises(ValueError, match="model distance must be one of"):
         LitProbe(lm=CausalLMSpec(str(model_dir)), distance="manhattan")
 

@@ -174,16 +174,16 @@ class LitProbe(L.LightningModule):
             class_name="each class of the evaluation set (data n_per_concept, Null included)",
             grow="set data n_per_concept to at least {n}",
         )
-        loaded = self.load()
-        self._layers = select_layers(self.layers, loaded.n_layers)
-        dm.set_tokenizer(loaded.tokenizer)
-        if self.patch_shots is not None:
+        if self.patch_shots is not None:  # also before loading the model
             if self.patch_shots not in dm.eval_shots:
                 raise ValueError(f"patch_shots={self.patch_shots} is not among data eval_shots={dm.eval_shots}.")
             if not self.generate:
                 raise ValueError("patching measures accuracy: set generate: true.")
             if not dm.include_null:
                 raise ValueError("negative patching needs the Null class: set data include_null: true.")
+        loaded = self.load()
+        self._layers = select_layers(self.layers, loaded.n_layers)
+        dm.set_tokenizer(loaded.tokenizer)
         if self.patch_layer is not None:
             select_layers(self.patch_layer, loaded.n_layers)  # range check, before any work
         if self.generate and self._stop_ids is None:
@@ -331,14 +331,14 @@ class LitProbe(L.LightningModule):
         for i, shots in enumerate(dm.eval_shots):
             n_batches = self.trainer.num_val_batches[i] if i < len(self.trainer.num_val_batches) else 0
             plan[shots] = batched_tokens(prompt_lengths(tok, dm.eval_prompts(shots)), dm.eval_batch_size, n_batches)
-        if self.patch_shots is not None:  # the means once; the non-Null prompts 2 per run (+ unpatched: no answers)
+        if self.patch_shots is not None:  # the means once, the non-Null prompts twice per run (unpatched: the probe's)
             null_id = len(dm.concept_names) - 1
             evals = [p for p in dm.eval_prompts(self.patch_shots) if p.concept != null_id]
             means = dm.prompts(self.patch_shots, "train", self.patch_mean_per_concept, include_null=True, stream=3)
             n_e, t_e = batched_tokens(prompt_lengths(tok, evals), dm.eval_batch_size)
             n_m, t_m = batched_tokens(prompt_lengths(tok, means), dm.eval_batch_size)
             layers = len(self.patch_layer) + 1 if isinstance(self.patch_layer, list) else 1  # + the best layer
-            passes = 2 * layers * len(self.patch_positions) + (0 if self.generate else 1)
+            passes = 2 * layers * len(self.patch_positions)
             plan[-1] = (n_e + n_m, passes * t_e + t_m)  # prompts patched or averaged; tokens of every pass
         return plan
 
@@ -359,10 +359,9 @@ class LitProbe(L.LightningModule):
         means = dm.loader(dm.prompts(shots, "train", self.patch_mean_per_concept, include_null=True, stream=3))
         evals = dm.loader(dm.eval_prompts(shots))
         tok, concepts = self.loaded.tokenizer, self.results[shots]["concepts"]
-        base = None  # the probe's own answers at these prompts are the unpatched ones: no pass to repeat
-        if self.generate:
-            metrics = {"exact": "acc", "first_token": "acc_first_token"}
-            base = {m: torch.tensor([concepts[names[c]][key] for c in range(null_id)]) for m, key in metrics.items()}
+        # the probe's own answers to these prompts are the unpatched ones: no pass to repeat
+        keys = {"exact": "acc", "first_token": "acc_first_token"}
+        base = {m: torch.tensor([concepts[names[c]][key] for c in range(null_id)]) for m, key in keys.items()}
         out = llm_patching(
             self.lm, tok, means, evals, layers, null_id, self.patch_mode, self.patch_positions, base=base,
             on_batch=self._patch_progress,
