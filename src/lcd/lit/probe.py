@@ -63,7 +63,9 @@ from lcd.lit.probe_report import (
     cd_accuracy_points,
     duration,
     format_shot_summary,
+    patch_metrics,
     shot_list,
+    shot_metrics,
     write_probe_csvs,
 )
 from lcd.models.hf import CausalLMSpec, LoadedLM
@@ -287,7 +289,7 @@ class LitProbe(L.LightningModule):
                 self._finish(shots)
         names = self.trainer.datamodule.concept_names
         null_id = len(names) - 1
-        metrics = self._metrics()
+        metrics = shot_metrics(self.results)
         if self.generate:
             fit = linear_fit(*cd_accuracy_points(self.results))
             metrics["probe/r2"] = fit[2]
@@ -306,23 +308,6 @@ class LitProbe(L.LightningModule):
         self.write_outputs()
         if self.trainer.is_global_zero:
             rank_zero_info(f"probe | files in {Path(run_dir(self.trainer)) / 'probe'}")
-
-    def _metrics(self) -> dict[str, float]:
-        """Logger metrics of the finished shot counts (keys listed in the module docstring)."""
-        metrics = {}
-        for shots, res in sorted(self.results.items()):
-            p, cd = f"probe/shots_{shots:02d}", res["cd"]
-            metrics.update({f"{p}/cd/layer_{layer:02d}": cd[i].item() for i, layer in enumerate(res["layers"])})
-            metrics.update({f"{p}/cd/best": cd.max().item(), f"{p}/cd/best_layer": float(res["best_layer"])})
-            for name, r in res["concepts"].items():
-                metrics[f"{p}/cd/concept_{name}"] = r["cd"]
-                if r["acc"] is not None:
-                    metrics[f"{p}/acc/concept_{name}"] = r["acc"]
-            if "fit" in res:
-                metrics[f"{p}/acc/mean"] = res["acc_mean"]
-                metrics[f"{p}/r2"] = res["fit"][2]
-            metrics["probe/chance"] = res["chance"]
-        return metrics
 
     def _plan(self) -> dict[int, tuple[int, int]]:
         """Prompts and tokens computed (padding included) per shot count, and for patching (key -1)."""
@@ -371,24 +356,12 @@ class LitProbe(L.LightningModule):
         p = f"probe/shots_{shots:02d}/patch"
         metrics = {f"{p}/layer": float(main.layer)}
         for metric, key in (("exact", p), ("first_token", f"{p}/first_token")):
-            metrics.update(self._patch_metrics(main, metric, key, names, null_id))
+            metrics.update(patch_metrics(main, metric, key, names, null_id))
         for r in out:
             for metric in ("exact", "first_token"):
                 key = f"{p}/{r.position}/layer_{r.layer:02d}/{metric}"
-                metrics.update(self._patch_metrics(r, metric, key, names, null_id))
+                metrics.update(patch_metrics(r, metric, key, names, null_id))
         return metrics
-
-    @staticmethod
-    def _patch_metrics(r, metric: str, key: str, names: list[str], null_id: int) -> dict[str, float]:
-        """``key/base/...`` accuracy, ``key/positive|negative/...`` change, per concept and mean."""
-        base = r.accuracy(metric, "base")
-        m = {f"{key}/base/concept_{names[c]}": base[c].item() for c in range(null_id)}
-        m[f"{key}/base/mean"] = base.mean().item()
-        for sign in ("positive", "negative"):
-            delta = r.accuracy(metric, sign) - base
-            m.update({f"{key}/{sign}/concept_{names[c]}": delta[c].item() for c in range(null_id)})
-            m[f"{key}/{sign}/mean"] = delta.mean().item()
-        return m
 
     # --- files --------------------------------------------------------------------------------------
 

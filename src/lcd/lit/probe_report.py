@@ -1,4 +1,4 @@
-"""The LLM probe's reports: progress lines, the console table of a shot count, and its CSV files.
+"""The LLM probe's reports: progress lines, the console table of a shot count, logger metrics, CSV files.
 
 Used by :class:`lcd.lit.probe.LitProbe`; the files and their columns are listed in its module docstring.
 """
@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lcd.analysis.stats import linear_fit
+from lcd.patching import LLMPatching
 
 __all__ = [
     "Progress",
@@ -21,7 +22,9 @@ __all__ = [
     "duration",
     "format_shot_summary",
     "number",
+    "patch_metrics",
     "shot_list",
+    "shot_metrics",
     "write_csv",
     "write_patching_csv",
     "write_probe_csvs",
@@ -32,6 +35,36 @@ def cd_accuracy_points(results: dict[int, dict]) -> tuple[list[float], list[floa
     """Per-concept (CD, accuracy) of every shot count in ``results`` (concepts with an accuracy)."""
     pts = [(r["cd"], r["acc"]) for res in results.values() for r in res["concepts"].values() if r["acc"] is not None]
     return [x for x, _ in pts], [y for _, y in pts]
+
+
+def shot_metrics(results: dict[int, dict]) -> dict[str, float]:
+    """Logger metrics of the finished shot counts (keys listed in :mod:`lcd.lit.probe`)."""
+    metrics = {}
+    for shots, res in sorted(results.items()):
+        p, cd = f"probe/shots_{shots:02d}", res["cd"]
+        metrics.update({f"{p}/cd/layer_{layer:02d}": cd[i].item() for i, layer in enumerate(res["layers"])})
+        metrics.update({f"{p}/cd/best": cd.max().item(), f"{p}/cd/best_layer": float(res["best_layer"])})
+        for name, r in res["concepts"].items():
+            metrics[f"{p}/cd/concept_{name}"] = r["cd"]
+            if r["acc"] is not None:
+                metrics[f"{p}/acc/concept_{name}"] = r["acc"]
+        if "fit" in res:
+            metrics[f"{p}/acc/mean"] = res["acc_mean"]
+            metrics[f"{p}/r2"] = res["fit"][2]
+        metrics["probe/chance"] = res["chance"]
+    return metrics
+
+
+def patch_metrics(r: LLMPatching, metric: str, key: str, names: list[str], null_id: int) -> dict[str, float]:
+    """``key/base/...`` accuracy, ``key/positive|negative/...`` change, per concept and mean."""
+    base = r.accuracy(metric, "base")
+    m = {f"{key}/base/concept_{names[c]}": base[c].item() for c in range(null_id)}
+    m[f"{key}/base/mean"] = base.mean().item()
+    for sign in ("positive", "negative"):
+        delta = r.accuracy(metric, sign) - base
+        m.update({f"{key}/{sign}/concept_{names[c]}": delta[c].item() for c in range(null_id)})
+        m[f"{key}/{sign}/mean"] = delta.mean().item()
+    return m
 
 
 def write_probe_csvs(
