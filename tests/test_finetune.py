@@ -253,6 +253,24 @@ def test_compare_table_states_what_late_finetuning_cannot_change(tmp_path):
     assert "lies inside or above the late group" in md
 
 
+def test_compare_locks_each_condition_and_moves_an_unfinished_attempt_aside(tmp_path):
+    from lcd.analysis.compare import _condition_dir
+    from lcd.rundir import RunDirectoryError, RunLock
+
+    run = tmp_path / "early"  # a condition killed before its result.json: its outputs are kept, aside
+    (run / "csv" / "version_0").mkdir(parents=True)
+    (run / "csv" / "version_0" / "metrics.csv").write_text("step\n0\n")
+    (run / "cd_history.csv").write_text("step\n0\n")
+    with _condition_dir(run):
+        (aside,) = run.glob("replaced-*")
+        assert (aside / "cd_history.csv").read_text() == "step\n0\n" and not (run / "cd_history.csv").exists()
+        with pytest.raises(RunDirectoryError, match="in use by another process"):
+            RunLock(run).acquire()  # a second compare on the same --out
+    lock = RunLock(run)  # released at the end
+    lock.acquire()
+    lock.release()
+
+
 @pytest.mark.slow  # four conditions
 def test_compare_writes_the_table(tiny_gemma, tmp_path):
     from lcd.analysis.compare import main as compare_main

@@ -37,12 +37,15 @@ import argparse
 import csv
 import json
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lcd.callbacks.decodability import ConceptDecodability
 from lcd.cli import make_cli
 from lcd.errors import user_errors
+from lcd.rundir import RunLock, move_outputs_aside, run_outputs
 
 __all__ = ["ConditionResult", "compare", "main"]
 
@@ -117,6 +120,29 @@ def run_condition(condition: str, trainer: str, configs: list[str], overrides: l
     cached = _cached_result(out / condition, args)
     if cached is not None:
         return cached
+    with _condition_dir(out / condition):
+        return _run_condition(condition, args, out)
+
+
+@contextmanager
+def _condition_dir(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock while its condition runs; an interrupted earlier attempt is moved aside first.
+
+    Raises:
+        RunDirectoryError: another process is running this condition (the message names it).
+
+    """
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        if run_outputs(run_dir):  # no result.json (else it was reused): an attempt that did not finish
+            print(f"{run_dir}: an unfinished earlier attempt moved into {move_outputs_aside(run_dir)}; starting again")
+        yield
+    finally:
+        lock.release()
+
+
+def _run_condition(condition: str, args: list[str], out: Path) -> ConditionResult:
     cli = make_cli(args, run=False)
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     callbacks = [cb for cb in trainer.callbacks if isinstance(cb, ConceptDecodability)]
