@@ -136,6 +136,14 @@ def test_task_sizes_are_written_once_and_reach_the_network(run_dir):
     assert cli.model.net.read_in.in_features == 8
 
 
+def test_command_line_parses_without_lightnings_args_warning(run_dir, monkeypatch, recwarn):
+    # `lcd fit ...` hands LightningCLI the command line it resolved, with the same words in sys.argv.
+    argv = [*CPU, "--config", DEBUG, *TINY_SYNTHETIC, f"--trainer.default_root_dir={run_dir}"]
+    monkeypatch.setattr(sys, "argv", ["lcd", "fit", *argv])
+    make_cli(argv, run=False)
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
+
+
 def test_model_task_mismatch_fails_before_training(tmp_path):
     # Built in Python (no CLI link), a network of another size is refused at setup, before any step.
     import lightning as L

@@ -48,6 +48,7 @@ import importlib
 import re
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -168,7 +169,11 @@ class LCDCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then guard the run directory and check the checkpoint to resume from, before any work."""
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            # lcd always passes LightningCLI the command line it resolved itself (config paths found), so
+            # Lightning's warning against passing ``args`` while ``sys.argv`` has arguments does not apply.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
