@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -127,3 +128,21 @@ def gemma_bitwise_probe(real_models):
 
     saved = torch.load(real_models / "gemma_probe.pt", weights_only=True)
     return real_models / "gemma_probe", saved["features"], saved["labels"]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def lightning_log():
+    """The messages logged through Lightning's logger (``rank_zero_info``/``rank_zero_warn``) during a test."""
+    logger, handler = logging.getLogger("lightning.pytorch"), _Records()  # where rank_zero_info goes
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)

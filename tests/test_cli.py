@@ -10,6 +10,7 @@ import torch
 from conftest import DEBUG, TINY_SYNTHETIC, config
 
 from lcd.analysis.onsets import concept_onsets, format_onsets
+from lcd.callbacks import ProgressLog
 from lcd.cli import main, make_cli
 from lcd.lit import LitPretrain
 from lcd.rundir import read_history
@@ -108,6 +109,40 @@ def test_paper_preset_and_gpu_trainer_yaml(run_dir):
     overrides = ["--trainer.accelerator=cpu", "--trainer.strategy=auto", "--trainer.devices=1"]
     main(["fit", *args, *TINY_SYNTHETIC, *overrides, f"--trainer.default_root_dir={run_dir}"])
     assert "val/mse/concept_3" in set().union(*metrics_rows(run_dir))
+
+
+def test_long_cd_evaluations_log_progress_and_quick_ones_stay_silent(run_dir, tmp_path, lightning_log):
+    fit(run_dir, "--trainer.callbacks.every_n_steps=2")  # default progress_every_s: the tiny probe is quick
+    assert not [line for line in lightning_log.lines if line.startswith("CD | ")]
+    # Every evaluation counts as long with progress_every_s=0: a line per probe batch, then the summary.
+    fit(tmp_path / "watched", "--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.progress_every_s=0")
+    lines = [line for line in lightning_log.lines if line.startswith("CD | step 0 | ")]
+    history = read_history(tmp_path / "watched" / "cd_history.csv")
+    best, layer = history[0]["cd/best"], int(history[0]["cd/best_layer"])
+    assert lines[0].startswith("CD | step 0 | 1/")
+    assert lines[-1].startswith(f"CD | step 0 | best {best:.3f} at layer {layer} | ")
+    assert " probe prompts in " in lines[-1]
+    assert [line.split(" | ")[1] for line in lightning_log.lines if " probe prompts in " in line] == [
+        f"step {int(row['step'])}" for row in history
+    ]
+
+
+def test_fit_logs_progress_lines_when_output_is_not_a_terminal(run_dir, tmp_path, lightning_log):
+    # Under pytest stdout is captured, as in a job's log file. every_s=0: a line at every step and batch.
+    fit(run_dir, "--progress.every_s=0")
+    steps = [line for line in lightning_log.lines if line.startswith("fit | step ")]
+    assert [line.split(" | ")[1] for line in steps] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+    assert " s/step | train/loss " in steps[-1] and steps[-1].endswith("left ~0m00s")
+    validation = [line for line in lightning_log.lines if line.startswith("fit | validation at step ")]
+    assert [line.split(" | ")[1:3] for line in validation] == [  # the tiny probe set is one batch
+        ["validation at step 2", "batch 1/1"],
+        ["validation at step 4", "batch 1/1"],
+    ]
+    lightning_log.lines.clear()
+    fit(tmp_path / "quiet", "--progress.every_s=null")
+    assert not [line for line in lightning_log.lines if line.startswith("fit | ")]
+    with pytest.raises(ValueError, match="progress every_s must be >= 0"):
+        ProgressLog(every_s=-1)
 
 
 def test_wandb_runs_offline_inside_the_run_directory(run_dir, monkeypatch):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import logging
 import math
 from pathlib import Path
 
@@ -188,23 +187,6 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys):
         )
     with pytest.raises(SystemExit, match="does not exist"):  # lcd.errors prints it last, exit 2
         _run(tmp_path / "c", tmp_path / "nowhere.gguf", "configs/llm/tasks/bitwise.yaml")
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def lightning_log():
-    logger, handler = logging.getLogger("lightning.pytorch"), _Records()  # where rank_zero_info goes
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
 
 
 def test_probe_saves_answers_and_r2_and_prints_one_table_per_shot_count(tmp_path, capsys, lightning_log):

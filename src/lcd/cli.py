@@ -54,6 +54,7 @@ from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lcd.callbacks import ProgressLog
 from lcd.configs import add_conventions, resolve_config_args
 from lcd.errors import user_errors
 from lcd.rundir.guard import Guarded, guard_run, launched_as_rank_zero
@@ -166,6 +167,7 @@ class LCDCLI(LightningCLI):
             "nothing is deleted. Without it such a fit is refused (resume it with --ckpt_path last instead).",
         )
         add_conventions(parser)
+        parser.add_lightning_class_args(ProgressLog, "progress")  # log lines when output is not a terminal
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then guard the run directory and check the checkpoint to resume from, before any work."""

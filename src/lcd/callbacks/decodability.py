@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from lcd.activations import Position, n_decoder_layers
 from lcd.analysis.onsets import concept_onsets, format_onsets
 from lcd.decodability import ConceptDecodabilityMetric, Distance, check_knn_settings
 from lcd.layers import LayerGroup, select_layers
+from lcd.lit.probe_report import duration
 from lcd.plotting import plot_cd_heatmap, plot_cd_history, plot_snapshot, save_figure
 from lcd.rundir import HISTORY_FILE, ONSETS_FILE, history_row, run_dir, write_history
 
@@ -49,6 +51,10 @@ class ConceptDecodability(L.Callback):
         snapshot_steps: Steps at which to save a 2-D view of the representations, coloured by concept.
         snapshot_layers: Layers shown in snapshots; ``None`` for the best layer at that step.
         snapshot_method: ``pca`` or ``umap`` (needs ``umap-learn``).
+        progress_every_s: An evaluation that runs longer than this (a pretrained LM on long prompts takes
+            minutes) logs a progress line this often (probe batches done, elapsed, time left) and a closing
+            line (best CD, its layer, wall time); ``null`` keeps every evaluation silent. Quick evaluations
+            (the synthetic presets) print nothing, so the progress bar stays intact.
 
     """
 
@@ -63,6 +69,7 @@ class ConceptDecodability(L.Callback):
         snapshot_steps: list[int] | None = None,
         snapshot_layers: LayerGroup | list[int] | None = None,
         snapshot_method: Literal["pca", "umap"] = "pca",
+        progress_every_s: float | None = 60.0,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
@@ -76,6 +83,7 @@ class ConceptDecodability(L.Callback):
         self.probe_per_concept, self.k, self.distance = probe_per_concept, k, distance
         self.snapshot_steps = set(snapshot_steps or [])
         self.snapshot_layers, self.snapshot_method = snapshot_layers, snapshot_method
+        self.progress_every_s = progress_every_s
         self.history: list[dict[str, float]] = []
         self._layers: list[int] = []
         self._position: str = position or "query"
@@ -154,6 +162,7 @@ class ConceptDecodability(L.Callback):
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self._probe_batches is None:
             self._probe_batches = list(trainer.datamodule.probe_dataloader(self.probe_per_concept))
+        start = last_line = time.monotonic()
         for i, batch in enumerate(self._probe_batches):
             if i % trainer.world_size != trainer.global_rank:  # shard the probe set across processes
                 continue
@@ -164,6 +173,13 @@ class ConceptDecodability(L.Callback):
             loss_count.index_add_(0, labels, torch.ones_like(loss, dtype=torch.float))
             if snapshot:
                 kept.append((features.float().cpu(), labels.cpu()))
+            now = time.monotonic()
+            if self.progress_every_s is not None and now - last_line >= self.progress_every_s:
+                last_line, done, total = now, i + 1, len(self._probe_batches)
+                rank_zero_info(
+                    f"CD | step {trainer.global_step} | {done}/{total} probe batches | elapsed {duration(now - start)}"
+                    f" | left ~{duration((now - start) * (total - done) / done)}"
+                )
         result = metric.compute()  # gathers across processes
         loss_sum = trainer.strategy.reduce(loss_sum, reduce_op="sum")
         loss_count = trainer.strategy.reduce(loss_count, reduce_op="sum")
@@ -179,6 +195,12 @@ class ConceptDecodability(L.Callback):
         )
         best = int(result["cd"].argmax())
         self.history.append(row)
+        took = time.monotonic() - start
+        if self.progress_every_s is not None and took >= self.progress_every_s:
+            rank_zero_info(
+                f"CD | step {trainer.global_step} | best {result['cd'][best]:.3f} at layer {self._layers[best]} | "
+                f"{int(loss_count.sum())} probe prompts in {duration(took)}"
+            )
         if trainer.is_global_zero:
             self._log_row(trainer, row)
             self._write_csv(trainer)
