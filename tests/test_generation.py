@@ -106,11 +106,15 @@ def test_generation_stops_once_every_row_ended_its_answer(tiny):
     plain = greedy_generate(model, ids, mask, 8, pad)  # (7, 8)
     for step in (2, 0):  # declare every row's token at `step` an answer end: all rows end by then
         stop = plain[:, step].unique()
-        _, gen = capture_and_generate(model, ids, mask, None, 8, pad, stop)
         ends = [next(i for i, t in enumerate(ref.tolist()) if t in stop.tolist()) for ref in plain]
-        assert gen.shape == (7, max(ends) + 1)  # stopped as soon as the last row ended, not after 8 tokens
-        for row, ref, end in zip(gen, plain, ends, strict=True):
-            assert torch.equal(row[: end + 1], ref[: end + 1]) and (row[end + 1 :] == pad).all()
+        # the probe's capture+generate and the plain generation that patching and finetuning use
+        for gen in (
+            capture_and_generate(model, ids, mask, None, 8, pad, stop)[1],
+            greedy_generate(model, ids, mask, 8, pad, stop),
+        ):
+            assert gen.shape == (7, max(ends) + 1)  # stopped as soon as the last row ended, not after 8 tokens
+            for row, ref, end in zip(gen, plain, ends, strict=True):
+                assert torch.equal(row[: end + 1], ref[: end + 1]) and (row[end + 1 :] == pad).all()
 
 
 def test_onednn_linears_agree_with_the_default_and_always_restore(tiny):

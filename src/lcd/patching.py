@@ -264,6 +264,7 @@ def llm_patching(
     means: dict[int, torch.Tensor] | None = None,
     base: dict[str, torch.Tensor] | None = None,
     on_batch: Callable[[dict, int], None] | None = None,
+    stop_token_ids: torch.Tensor | None = None,
 ) -> list[LLMPatching]:
     """Positive and negative mean-activation patching of an LM, at each layer and position asked for.
 
@@ -289,6 +290,9 @@ def llm_patching(
             known, e.g. from the probe's own answers to ``eval_batches``; the unpatched pass is then skipped.
         on_batch: Called after each batch with the batch (its Null rows dropped) and the forward passes run
             over it, e.g. to report progress.
+        stop_token_ids: Ids of the tokens that end an answer (:func:`lcd.lit.generation.answer_end_token_ids`):
+            each generation stops once every row's answer has ended (the scores do not change); ``None``
+            generates the whole answer budget.
 
     Returns:
         One :class:`LLMPatching` per position (outer, in the order given) and layer (sorted); the
@@ -321,6 +325,7 @@ def llm_patching(
     # hits[metric][run, sign, concept]; sign 0 base (same for every run), 1 positive, 2 negative
     hits = {m: torch.zeros(len(runs), 3, null_id) for m in ("exact", "first_token")}
     n = torch.zeros(null_id)
+    pad = tokenizer.pad_token_id
     for batch in eval_batches:
         keep = batch["concept"] != null_id
         if not keep.any():
@@ -330,7 +335,7 @@ def llm_patching(
         budget = answer_budget(tokenizer, batch["answers"])
         query = last_token_positions(mask)
         if base is None:
-            unpatched = _score(tokenizer, greedy_generate(model, ids, mask, budget, tokenizer.pad_token_id), batch)
+            unpatched = _score(tokenizer, greedy_generate(model, ids, mask, budget, pad, stop_token_ids), batch)
             for m in hits:
                 hits[m][:, 0].index_add_(1, concept.cpu(), unpatched[m].expand(len(runs), -1))
         sources = {1: concept, 2: torch.full_like(concept, null_id)}  # positive: own concept; negative: Null
@@ -338,7 +343,7 @@ def llm_patching(
             for sign, source in sources.items():
                 value = patch_value(means[layer], source, mode)
                 with patch_residual(model, layer, query, value, mode, onward=position == "answer"):
-                    got = _score(tokenizer, greedy_generate(model, ids, mask, budget, tokenizer.pad_token_id), batch)
+                    got = _score(tokenizer, greedy_generate(model, ids, mask, budget, pad, stop_token_ids), batch)
                 for m in hits:
                     hits[m][r, sign].index_add_(0, concept.cpu(), got[m])
         n.index_add_(0, concept.cpu(), torch.ones(len(concept)))

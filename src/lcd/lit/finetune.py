@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from lcd.activations import Position, capture_residual, last_token_positions
 from lcd.data.text import IGNORE_INDEX
 from lcd.finetuning import FinetuneMethod, count_parameters, trainable_parameter_names
-from lcd.lit.generation import answer_budget, decode_answers, exact_match, greedy_generate, position_ids_from_mask
+from lcd.lit.generation import (
+    answer_budget,
+    answer_end_token_ids,
+    decode_answers,
+    exact_match,
+    greedy_generate,
+    position_ids_from_mask,
+)
 from lcd.models.hf import CausalLMSpec, LoadedLM
 from lcd.rundir import run_dir
 
@@ -78,6 +85,7 @@ class LitFinetune(L.LightningModule):
         self.strict_loading = False  # checkpoints carry only the trainable parameters
         loaded: LoadedLM = self.lm_spec.load()
         self.tokenizer = loaded.tokenizer
+        self._stop_ids: torch.Tensor | None = None  # tokens that end an answer (validation stops there)
         self.n_layers = loaded.n_layers
         model = loaded.model
         self._keep_logits = "logits_to_keep" in inspect.signature(type(model).forward).parameters
@@ -174,7 +182,9 @@ class LitFinetune(L.LightningModule):
     # --- validation: greedy exact match per concept and shot count --------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        """Reset the per-(shots, concept) counters."""
+        """Reset the per-(shots, concept) counters; find the answer-end tokens once per run."""
+        if self._stop_ids is None:
+            self._stop_ids = answer_end_token_ids(self.tokenizer)
         dm = self.trainer.datamodule
         shape = (len(dm.eval_shots), len(dm.concept_names))
         self._correct = torch.zeros(shape, device=self.device)
@@ -191,7 +201,7 @@ class LitFinetune(L.LightningModule):
         if self.max_answer_tokens is not None:
             budget = min(budget, self.max_answer_tokens)
         ids, mask = batch["input_ids"][keep], batch["attention_mask"][keep]
-        generated = greedy_generate(self.model, ids, mask, budget, self.tokenizer.pad_token_id)
+        generated = greedy_generate(self.model, ids, mask, budget, self.tokenizer.pad_token_id, self._stop_ids)
         correct = exact_match(decode_answers(self.tokenizer, generated), answers).to(self.device)
         concept = batch["concept"][keep]
         self._correct[dataloader_idx].index_add_(0, concept, correct.float())

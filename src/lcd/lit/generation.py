@@ -197,12 +197,18 @@ def greedy_generate(
     attention_mask: torch.Tensor,
     max_new_tokens: int,
     pad_token_id: int | None = None,
+    stop_token_ids: torch.Tensor | None = None,
     fast_linear: bool = True,
 ) -> torch.Tensor:
-    """Plain batched greedy continuations (B, max_new_tokens) of left-padded prompts.
+    """Plain batched greedy continuations (B, n) of left-padded prompts, n <= ``max_new_tokens``.
 
-    ``fast_linear``: run float32 CPU linears through oneDNN (:func:`onednn_linears`).
+    ``stop_token_ids``: as in :func:`capture_and_generate`, a row is padded once its answer has ended and
+    generation stops when every row's has (``None``: ``max_new_tokens`` tokens). ``fast_linear``: run
+    float32 CPU linears through oneDNN (:func:`onednn_linears`).
     """
+    stop = None
+    if stop_token_ids is not None:
+        stop = StoppingCriteriaList([_AnswersEnded(stop_token_ids.to(input_ids.device), start=input_ids.shape[1])])
     with onednn_linears(model, fast_linear):
         out = model.generate(
             input_ids=input_ids,
@@ -210,6 +216,7 @@ def greedy_generate(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_token_id,
+            stopping_criteria=stop,
         )
     return out[:, input_ids.shape[1] :]
 

@@ -349,7 +349,7 @@ class LitProbe(L.LightningModule):
         base = {m: torch.tensor([concepts[names[c]][key] for c in range(null_id)]) for m, key in keys.items()}
         out = llm_patching(
             self.lm, tok, means, evals, layers, null_id, self.patch_mode, self.patch_positions, base=base,
-            on_batch=self._patch_progress,
+            on_batch=self._patch_progress, stop_token_ids=self._stop_ids,
         )  # fmt: skip
         main = next(r for r in out if r.position == self.patch_positions[0] and r.layer == primary)
         self.results[shots]["patching"], self.results[shots]["patching_primary"] = out, main
