@@ -6,6 +6,7 @@ from lcd.analysis.onsets import (
     BEATS_LASSO,
     DecodingCurve,
     concept_onsets,
+    fitted_window,
     format_onsets,
     main,
     merge_by_step,
@@ -53,6 +54,15 @@ def test_the_running_median_ignores_a_single_spike():
     _, (_, raw) = concept_onsets(history(spike_at=3), window=1)
     assert raw.cd_step == 300 and raw.lag == 3 - 12
     assert running_median([1, 5, 2, 8, 3], 3) == [3, 2, 5, 3, 5.5]
+
+
+def test_a_short_history_is_not_flattened_by_the_window():
+    # A finetuning run's three evaluations: a median over all three would make both curves flat.
+    rows = [history()[i] | {"step": float(step)} for i, step in ((0, 0), (7, 250), (19, 300))]
+    _, (c0, _) = concept_onsets(rows)  # default window 5: shrunk to 1 for three evaluations
+    assert (c0.loss_start, c0.loss_end, c0.loss_step) == (1.0, 0.2, 250)
+    assert (c0.cd_start, c0.cd_end, c0.cd_step) == (0.25, 0.9, 250)
+    assert [fitted_window(5, n) for n in (3, 5, 6, 9, 10, 20)] == [1, 1, 3, 3, 5, 5]
 
 
 def test_bad_histories_are_refused():

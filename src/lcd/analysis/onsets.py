@@ -6,8 +6,8 @@ representation. This module turns that claim into numbers for one run. It reads 
 lcd.analysis.rescore``) and, for every concept, finds
 
 - the **decoding step**: by default the first evaluation at which the concept's probe loss, smoothed by
-  a centred running median over ``window`` evaluations, has covered half of the way from its first
-  smoothed value down to its lowest;
+  a centred running median over ``window`` evaluations (at most half of them), has covered half of the way
+  from its first smoothed value down to its lowest;
 - the **CD step**: the same for the concept's per-concept CD at one layer, from its first smoothed value
   up to its highest. A rise smaller than ``min_rise`` counts as no rise (per-concept CD on 100 probe
   prompts has a standard error of about 0.05);
@@ -120,6 +120,15 @@ def running_median(values: Sequence[float], window: int) -> list[float]:
     return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
 
 
+def fitted_window(window: int, n: int) -> int:
+    """The running-median window used on ``n`` evaluations: ``window``, shrunk to at most half of them (odd).
+
+    A median over most of a short curve flattens it (three evaluations under a window of 5 all become their
+    median), so a short history, such as a finetuning run's three CD evaluations, is left unsmoothed.
+    """
+    return max(1, min(window, n // 2 - (n // 2 + 1) % 2))
+
+
 def half_way_index(values: Sequence[float], rising: bool) -> tuple[int, float, float]:
     """Index at which ``values`` first cover half of the way from their first value to their extreme.
 
@@ -153,7 +162,8 @@ def concept_onsets(
     Args:
         rows: Rows of a ``cd_history.csv`` in step order (:func:`lcd.callbacks.decodability.read_history`).
         layer: 0-based layer whose per-concept CD is read; ``None``: the last row's ``cd/best_layer``.
-        window: Evaluations in the running median of each curve (odd; 1 disables smoothing).
+        window: Evaluations in the running median of each curve (odd; 1 disables smoothing); shrunk to at
+            most half of a curve's evaluations (:func:`fitted_window`).
         min_rise: Smallest smoothed CD rise counted as a rise.
         decoding_rows: Rows (each with a ``step``, in step order) holding the decoding curves; ``None``:
             ``rows``. Rows without the concept's column are skipped (:func:`merge_by_step` for
@@ -194,8 +204,10 @@ def concept_onsets(
         raise ValueError(f"no concept has both a decoding curve {curve.describe()} and layer {layer}'s CD")
     onsets = []
     for c, values in curves.items():
-        loss = running_median([v for _, v in values], window)
-        cd = running_median([row[f"cd/layer_{layer:02d}/concept_{c}"] for row in rows], window)
+        loss = running_median([v for _, v in values], fitted_window(window, len(values)))
+        cd = running_median(
+            [row[f"cd/layer_{layer:02d}/concept_{c}"] for row in rows], fitted_window(window, len(rows))
+        )
         if curve.below is None:
             loss_index: int | None = half_way_index(loss, rising=False)[0]
         else:
