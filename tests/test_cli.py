@@ -145,6 +145,11 @@ def test_fit_logs_progress_lines_when_output_is_not_a_terminal(run_dir, tmp_path
         ProgressLog(every_s=-1)
 
 
+def test_a_fit_shows_no_deprecation_warnings_the_libraries_raise_about_each_other(run_dir, recwarn):
+    fit(run_dir)
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]  # Lightning on torch's pytree API
+
+
 def test_wandb_runs_offline_inside_the_run_directory(run_dir, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -249,6 +249,14 @@ def _print_help() -> None:
     print("\n".join(lines))
 
 
+# Deprecation warnings that the installed libraries raise about each other on every run (Lightning's use of
+# torch's pytree API, peft's of a transformers attribute): nothing a user of lcd can act on.
+_LIBRARY_DEPRECATIONS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"`is_gradient_checkpointing` is deprecated",
+)
+
+
 def main(args: list[str] | None = None) -> Any:
     """Entry point of the ``lcd`` and ``lightning`` commands and of ``python -m lcd``.
 
@@ -258,6 +266,8 @@ def main(args: list[str] | None = None) -> Any:
     ``LCD_DEBUG=1`` keeps the traceback.
     """
     argv = sys.argv[1:] if args is None else list(args)
+    for message in _LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message)
     if argv and argv[0] in TOOLS:
         return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
