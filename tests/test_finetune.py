@@ -253,6 +253,32 @@ def test_compare_table_states_what_late_finetuning_cannot_change(tmp_path):
     assert "lies inside or above the late group" in md
 
 
+def test_compare_figure_shows_cd_per_layer_and_accuracy_of_every_condition(tmp_path):
+    from lcd.analysis.compare import ConditionResult, write_figure
+    from lcd.plotting import plot_compare
+
+    names = ["A", "B"]
+
+    def result(condition, layers, cd, accs):
+        row = {f"cd/layer_{i:02d}": v for i, v in enumerate(cd)}
+        return ConditionResult(condition, condition, layers, 4, dict(zip(names, accs, strict=True)), row, 3, names)
+
+    results = [result("pretrained", None, [0.2, 0.3, 0.5], [0.1, 0.3])]
+    results.append(result("early", [0], [0.2, 0.6, 0.7], [0.5, 0.9]))
+    assert write_figure(results, 1, tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cd = {r.condition: [r.cd_row[f"cd/layer_{i:02d}"] for i in range(3)] for r in results}
+    fig = plot_compare(cd, {r.condition: r.accuracy for r in results}, 1, {"early": [0]}, 4)
+    left, right = fig.axes
+    lines = {line.get_label(): list(line.get_ydata()) for line in left.get_lines()}
+    assert lines["pretrained"] == [0.2, 0.3, 0.5] and lines["early"] == [0.2, 0.6, 0.7]
+    assert list(lines["table's layer 1"]) == [0, 1]  # the dotted line: x stays at layer 1
+    (span,) = left.patches  # early's trained layer 0, shaded
+    assert span.get_x() == pytest.approx(-0.5) and span.get_width() == pytest.approx(1.0)
+    heights = [round(bar.get_height()) for bar in right.patches]
+    assert heights == [10, 30, 50, 90]  # per condition, per concept, in %
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["pretrained (20.0)", "early (70.0)"]
+
+
 def test_compare_locks_each_condition_and_moves_an_unfinished_attempt_aside(tmp_path):
     from lcd.analysis.compare import _condition_dir
     from lcd.rundir import RunDirectoryError, RunLock
@@ -300,6 +326,7 @@ def test_compare_writes_the_table(tiny_gemma, tmp_path):
         assert rows[2]["cd_mean"] == rows[0]["cd_mean"] and "cannot change CD" in md
         assert rows[2]["cd_pooled"] == rows[0]["cd_pooled"]
     assert list(out.glob("wandb/offline-run-*")) or list(out.glob("wandb/run-*"))
+    assert (out / "compare.png").is_file() and list(out.glob("wandb/*run-*/files/media/images/compare/figure_*.png"))
 
     # A second call with the same arguments reuses every condition's result.json (no run starts: no new
     # CSV version), with its own measured layer; other arguments fail before anything runs.

@@ -2,7 +2,7 @@
 
 Training (synthetic): CD history and heatmap, representation snapshots, error vs position. LLM probe: CD
 per layer for each shot count, CD vs accuracy with the fitted line, patching effects. Analyses: the
-synthetic patching matrix.
+synthetic patching matrix, the Table-1 comparison of ``lcd compare``.
 """
 
 from __future__ import annotations
@@ -230,6 +230,49 @@ def plot_patching_layers(results: Sequence, shots: int) -> Figure:
     axes[0].set(ylabel="mean accuracy change")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"mean-activation patching per layer, {shots}-shot")
+    return fig
+
+
+def plot_compare(
+    cd: dict[str, Sequence[float]],
+    accuracy: dict[str, dict[str, float]],
+    layer: int,
+    groups: dict[str, Sequence[int]],
+    shots: int,
+) -> Figure:
+    """The Table-1 comparison: pooled CD against layer per condition, and accuracy per concept per condition.
+
+    Args:
+        cd: condition -> pooled CD (concepts + Null) of every layer, 0-based.
+        accuracy: condition -> concept -> exact-match accuracy (0-1).
+        layer: The layer the table reads CD at (dotted line).
+        groups: finetuned condition -> its trained layers (shaded in the condition's colour).
+        shots: Shots of the accuracy prompts.
+
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    colors = {name: f"C{i}" for i, name in enumerate(cd)}
+    for i, (name, values) in enumerate(cd.items()):  # the first (the baseline) widest, beneath: visible where equal
+        style = {"lw": 4 if i == 0 else 1.5, "zorder": 2 + i / 10, "color": colors[name]}
+        left.plot(range(len(values)), values, marker="o", ms=3, label=name, **style)
+        if trained := groups.get(name):
+            left.axvspan(min(trained) - 0.5, max(trained) + 0.5, color=colors[name], alpha=0.08)
+    left.axvline(layer, ls=":", color="k", label=f"table's layer {layer}")
+    left.set(xlabel="layer (0-based; shaded: finetuned)", ylabel="CD pooled (concepts + Null)", ylim=(0, 1.02))
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_title("Concept decodability at the token before the answer")
+    left.legend(fontsize=8)
+    concepts = list(next(iter(accuracy.values())))
+    x, width = np.arange(len(concepts)), 0.8 / len(accuracy)
+    for i, (name, acc) in enumerate(accuracy.items()):
+        mean = 100 * float(np.mean([acc[c] for c in concepts]))
+        offset = (i - (len(accuracy) - 1) / 2) * width
+        bars = [100 * acc[c] for c in concepts]
+        right.bar(x + offset, bars, width, color=colors.get(name), label=f"{name} ({mean:.1f})")
+    right.set_xticks(x, concepts)
+    right.set(ylabel="exact-match accuracy %", title=f"{shots}-shot accuracy per concept (legend: mean)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 

@@ -19,9 +19,10 @@ at one measured layer for every condition: ``--layer``, or by default the pretra
 layer. Both columns are the mean ± sd over the task's concepts (Null excluded); CD per concept is the
 pooled leave-one-out k-NN accuracy restricted to that concept's probe prompts.
 
-Outputs: ``<out>/table.csv``, ``<out>/table.md`` (with the notes) and a W&B run (offline without
-credentials) with the table. Extra ``--config`` fragments and ``--set key=value`` overrides apply to
-every condition (e.g. ``--set trainer.max_steps=200`` for a reduced run).
+Outputs: ``<out>/table.csv``, ``<out>/table.md`` (with the notes), ``<out>/compare.png`` (pooled CD
+against layer for every condition, finetuned layers shaded, beside accuracy per concept) and a W&B run
+(offline without credentials) with the table and the figure. Extra ``--config`` fragments and ``--set
+key=value`` overrides apply to every condition (e.g. ``--set trainer.max_steps=200`` for a reduced run).
 
 Each finished condition leaves ``<out>/<condition>/result.json`` (its measurements and the exact CLI
 arguments that made them). A later call with the same arguments reuses it instead of running the
@@ -45,9 +46,10 @@ from pathlib import Path
 from lcd.callbacks.decodability import ConceptDecodability
 from lcd.cli import make_cli
 from lcd.errors import user_errors
+from lcd.plotting import plot_compare, save_png
 from lcd.rundir import RunLock, move_outputs_aside, run_outputs
 
-__all__ = ["ConditionResult", "compare", "main"]
+__all__ = ["ConditionResult", "compare", "main", "write_figure", "write_table"]
 
 CONDITIONS = ("pretrained", "early", "late", "name_concept")
 _FRAGMENTS = {"early": "configs/finetune/early.yaml", "late": "configs/finetune/late.yaml"}
@@ -225,6 +227,14 @@ def write_table(results: list[ConditionResult], layer: int, out: Path, task: str
     return md
 
 
+def write_figure(results: list[ConditionResult], layer: int, out: Path) -> Path:
+    """``<out>/compare.png``: pooled CD per layer of every condition beside its accuracy per concept."""
+    cd = {r.condition: [r.cd_row.get(f"cd/layer_{i:02d}", float("nan")) for i in range(r.n_layers)] for r in results}
+    accuracy = {r.condition: {n: r.accuracy[n] for n in r.concept_names} for r in results}
+    groups = {r.condition: r.trained_layers for r in results if r.trained_layers}
+    return save_png(plot_compare(cd, accuracy, layer, groups, results[0].shots), out / "compare.png")
+
+
 def log_wandb(results: list[ConditionResult], layer: int, out: Path, task: str) -> None:
     """Log the table to a W&B run (offline without credentials) under ``out``."""
     import wandb
@@ -234,7 +244,12 @@ def log_wandb(results: list[ConditionResult], layer: int, out: Path, task: str) 
     logger = WandbLogger(project="lcd", name=f"compare-{task}", save_dir=str(out))
     with open(out / "table.csv") as f:
         data = list(csv.reader(f))
-    logger.experiment.log({"compare/table": wandb.Table(columns=data[0], data=data[1:])})
+    logger.experiment.log(
+        {
+            "compare/table": wandb.Table(columns=data[0], data=data[1:]),
+            "compare/figure": wandb.Image(str(out / "compare.png")),
+        }
+    )
     for row in data[1:]:
         logger.experiment.summary[f"compare/{row[0]}/cd"] = float(row[3])
         logger.experiment.summary[f"compare/{row[0]}/acc"] = float(row[5])
@@ -271,6 +286,7 @@ def compare(
         layer = int(results[0].cd_row["cd/best_layer"])
     name = Path(task).stem
     md = write_table(results, layer, root, name)
+    write_figure(results, layer, root)
     if wandb:
         log_wandb(results, layer, root, name)
     return md
