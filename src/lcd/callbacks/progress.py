@@ -19,8 +19,8 @@ class ProgressLog(L.Callback):
     hour written to a log stays silent. This callback fills that gap: when standard output is not a terminal
     (or the trainer has no progress bar) it logs, through Lightning's logger on global rank 0::
 
-        fit | step 120/300 | 5.08 s/step | train/loss 1.234 | elapsed 10m10s | left ~15m14s
-        fit | validation at step 250 | batch 14/28 | elapsed 1m02s
+        fit | step 9/12 | 7.63 s/step | train/loss 2.759 | elapsed 1m09s | left ~0m23s
+        fit | validation at step 12 | batch 4/9 | elapsed 0m16s
 
     Time left is the steps still to take at the pace of this session so far (CD evaluations and validation
     included). ``lcd validate`` (the probe) logs its own progress, so only fit's loops are reported. The
